@@ -1,0 +1,1 @@
+"""One module per `stream-agg` sub-command; each exposes a click command named `command`."""
