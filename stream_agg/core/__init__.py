@@ -1,0 +1,1 @@
+"""Pure, deterministic aggregation logic: no Kafka, no database, no wall clock reads."""
