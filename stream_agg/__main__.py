@@ -1,0 +1,3 @@
+from stream_agg.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""PostgreSQL side: table definitions, migrations, upserts, backfill SQL."""

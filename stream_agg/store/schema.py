@@ -1,0 +1,207 @@
+"""Tables, declared once with SQLAlchemy metadata; `migrate` creates or upgrades them.
+
+`schemas/tables.sql` is this metadata compiled to plain SQL for people who don't use
+the CLI (a test keeps the two equal). Upgrades are an ordered list of steps recorded
+in `stream_agg_schema`, so `migrate` on an up-to-date database is a no-op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    Engine,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    func,
+    text,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+metadata = MetaData()
+
+GRANULARITY_CHECK = "granularity IN ('hour', 'day', 'week')"
+
+metrics_aggregates = Table(
+    "metrics_aggregates",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("bucket_time", DateTime(timezone=True), nullable=False),
+    Column("granularity", Text, nullable=False),
+    Column("metric_name", Text, nullable=False),
+    Column("dimension_type", Text, nullable=False),
+    Column("dimension_value", Text, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("sum_value", Double, nullable=False),
+    Column("min_value", Double),
+    Column("max_value", Double),
+    Column("avg_value", Double),
+    Column("p50_value", Double),
+    Column("p95_value", Double),
+    Column("p99_value", Double),
+    Column("digest", LargeBinary),
+    Column("source", Text, nullable=False, server_default="stream"),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    UniqueConstraint("bucket_time", "granularity", "metric_name", "dimension_type", "dimension_value",
+                     name="metrics_aggregates_bucket_key"),
+    CheckConstraint(GRANULARITY_CHECK, name="metrics_aggregates_granularity_check"),
+    CheckConstraint("source IN ('stream', 'backfill')", name="metrics_aggregates_source_check"),
+)
+# Dashboards ask: one metric, one granularity, one dimension type (maybe one value), a range.
+Index("metrics_aggregates_dashboard_idx", metrics_aggregates.c.metric_name, metrics_aggregates.c.granularity,
+      metrics_aggregates.c.dimension_type, metrics_aggregates.c.dimension_value,
+      metrics_aggregates.c.bucket_time)
+
+traces = Table(
+    "traces",
+    metadata,
+    Column("trace_id", Text, primary_key=True),
+    Column("operation_type", Text, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("duration_ms", Double, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("user_id", Text),
+    Column("kb_id", Text),
+    Column("total_tokens", BigInteger),
+    Column("source_partition", Integer),
+    Column("source_offset", BigInteger),
+    Column("ingested_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+Index("traces_started_at_idx", traces.c.started_at)
+
+# Spans carry their trace's started_at and operation_type: the bucket of a span is its
+# trace's bucket, and the backfill then reads one table per level without a join.
+spans = Table(
+    "spans",
+    metadata,
+    Column("trace_id", Text, nullable=False),
+    Column("span_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("model", Text),
+    Column("duration_ms", Double, nullable=False),
+    Column("input_tokens", BigInteger),
+    Column("output_tokens", BigInteger),
+    Column("status", Text),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("operation_type", Text, nullable=False),
+    PrimaryKeyConstraint("trace_id", "span_id", name="spans_pkey"),
+)
+Index("spans_kind_started_at_idx", spans.c.kind, spans.c.started_at)
+
+# The stream's durable state: one partial AggState per source partition and key, and per
+# partition the next offset to read plus the event-time watermark, written in the same
+# transaction (see stream_agg/kafka/flush.py for why that gives an exactly-once effect).
+stream_partials = Table(
+    "stream_partials",
+    metadata,
+    Column("stream", Text, nullable=False),
+    Column("granularity", Text, nullable=False),
+    Column("bucket_time", DateTime(timezone=True), nullable=False),
+    Column("metric_name", Text, nullable=False),
+    Column("dimension_type", Text, nullable=False),
+    Column("dimension_value", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("sum_value", Double, nullable=False),
+    Column("min_value", Double, nullable=False),
+    Column("max_value", Double, nullable=False),
+    Column("digest", LargeBinary),
+    Column("applied_offset", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("stream", "granularity", "bucket_time", "metric_name", "dimension_type",
+                         "dimension_value", "partition", name="stream_partials_pkey"),
+)
+
+stream_offsets = Table(
+    "stream_offsets",
+    metadata,
+    Column("stream", Text, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("max_event_time", Double),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("stream", "partition", name="stream_offsets_pkey"),
+)
+
+schema_version = Table(
+    "stream_agg_schema",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
+
+def _v1(conn: Connection) -> None:
+    metadata.create_all(conn, checkfirst=True)
+
+
+# Ordered upgrade steps; append, never edit a released one.
+MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1),)
+LATEST = MIGRATIONS[-1][0]
+
+
+def make_engine(url: str) -> Engine:
+    """SQLAlchemy engine on psycopg 3 for any postgresql:// URL."""
+    import re
+
+    return create_engine(re.sub(r"^postgres(ql)?(\+psycopg)?://", "postgresql+psycopg://", url),
+                         pool_pre_ping=True)
+
+
+def migrate(url_or_engine: str | Engine) -> list[int]:
+    """Create or upgrade the tables; returns the versions applied (empty = already current).
+
+    A transaction-scoped advisory lock serialises concurrent migrations (several workers
+    starting at once).
+    """
+    engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    applied: list[int] = []
+    with engine.begin() as conn:
+        conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
+        schema_version.create(conn, checkfirst=True)
+        current = conn.execute(text("SELECT coalesce(max(version), 0) FROM stream_agg_schema")).scalar_one()
+        for version, step in MIGRATIONS:
+            if version > current:
+                step(conn)
+                conn.execute(schema_version.insert().values(version=version))
+                applied.append(version)
+    return applied
+
+
+def current_version(url_or_engine: str | Engine) -> int:
+    engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
+    with engine.connect() as conn:
+        exists = conn.execute(text("SELECT to_regclass('stream_agg_schema') IS NOT NULL")).scalar_one()
+        if not exists:
+            return 0
+        return int(conn.execute(text("SELECT coalesce(max(version), 0) FROM stream_agg_schema")).scalar_one())
+
+
+def ddl_sql() -> str:
+    """The whole schema as plain PostgreSQL DDL (what `schemas/tables.sql` holds)."""
+    from sqlalchemy.dialects import postgresql
+
+    dialect = postgresql.dialect()
+    parts = ["-- Generated from stream_agg/store/schema.py by `stream-agg migrate --print-sql`.",
+             "-- Apply with psql if you don't use the CLI; `stream-agg migrate` does the same.", ""]
+    for table in metadata.sorted_tables:
+        create = str(CreateTable(table, if_not_exists=True).compile(dialect=dialect)).strip()
+        parts.append(create + ";")
+        for index in sorted(table.indexes, key=lambda i: i.name or ""):
+            parts.append(str(CreateIndex(index, if_not_exists=True).compile(dialect=dialect)).strip() + ";")
+        parts.append("")
+    parts.append(f"INSERT INTO stream_agg_schema (version) VALUES ({LATEST}) ON CONFLICT DO NOTHING;")
+    return "\n".join(parts) + "\n"
