@@ -91,4 +91,3 @@ CREATE TABLE IF NOT EXISTS traces (
 CREATE INDEX IF NOT EXISTS traces_started_at_idx ON traces (started_at);
 
 INSERT INTO stream_agg_schema (version) VALUES (1) ON CONFLICT DO NOTHING;
-

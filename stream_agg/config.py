@@ -128,6 +128,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_pending_events", _positive(int), "2000000",
             "Folded-but-unflushed events held while PostgreSQL is down before consumption pauses"),
     Setting("metrics_port", _port, "9108", "Prometheus metrics HTTP port (0 = off)"),
+    Setting("session_timeout", _positive(_parse_duration), "30s",
+            "Kafka consumer session timeout (a dead worker's partitions move after this)"),
+    Setting("heartbeat_interval", _positive(_parse_duration), "3s", "Kafka consumer heartbeat interval"),
+    Setting("rebalance_timeout", _positive(_parse_duration), "60s",
+            "Kafka rebalance timeout (small values make group joins fast)"),
     Setting("log_level", str, "INFO", "Log level"),
     Setting("max_range", _positive(_parse_duration), "90d",
             "Longest backfill/replay/verify range accepted without --yes"),
@@ -157,6 +162,9 @@ class Config:
     archive: bool
     max_pending_events: int
     metrics_port: int
+    session_timeout: float
+    heartbeat_interval: float
+    rebalance_timeout: float
     log_level: str
     max_range: float
 

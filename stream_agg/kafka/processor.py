@@ -1,0 +1,313 @@
+"""The worker's logic between the transport and the store, free of Faust.
+
+`Processor.process` takes consumed messages (partition, offset, bytes), decodes them,
+sends bad input and too-late events to the DLQ list, folds the rest into the partition's
+state with the core, and remembers what changed; `Processor.flush` writes it all in one
+PostgreSQL transaction and hands back the messages that are now safe to acknowledge.
+Both run on one thread (the shell's executor), one after the other, so no locks.
+
+A message is acknowledged to Kafka only after its effect is durable in PostgreSQL; the
+partition's next offset lives in PostgreSQL too, so whatever Kafka re-delivers after a
+crash is either skipped (offset below the stored one) or folded exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter as Tally
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from stream_agg.config import Config
+from stream_agg.core.buckets import GRANULARITIES, SPAN
+from stream_agg.core.fold import BucketId, Columns, Key, PartitionState, event_times, fold, to_columns
+from stream_agg.core.registry import Registry
+from stream_agg.core.watermark import Watermark, WatermarkPolicy
+from stream_agg.events import TraceEvent, decode_message, encode_event
+from stream_agg.observability import Metrics
+from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFlush, StreamStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Message:
+    partition: int
+    offset: int
+    value: bytes | None
+    ref: Any = None  # the transport's handle, acknowledged after the flush
+
+
+@dataclass(frozen=True)
+class DlqRecord:
+    value: bytes
+    reason: str
+    partition: int
+    offset: int
+    index: int | None
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        h = [("reason", self.reason.encode()), ("source_partition", str(self.partition).encode()),
+             ("source_offset", str(self.offset).encode())]
+        if self.index is not None:
+            h.append(("batch_index", str(self.index).encode()))
+        return h
+
+
+@dataclass
+class Outcome:
+    dlq: list[DlqRecord] = field(default_factory=list)
+    ack_now: list[Any] = field(default_factory=list)  # duplicates: nothing to make durable
+    ignored: int = 0  # messages of partitions we do not own (revoked meanwhile)
+    folded_events: int = 0
+
+
+@dataclass
+class PartitionContext:
+    partition: int
+    pstate: PartitionState
+    watermark: Watermark
+    next_offset: int = 0
+    base_offset: int | None = None  # next_offset as last persisted (fencing)
+    changed: set[Key] = field(default_factory=set)
+    removed: set[Key] = field(default_factory=set)
+    dirty: bool = False
+
+
+def _policy(config: Config) -> WatermarkPolicy:
+    return WatermarkPolicy(out_of_orderness=config.out_of_orderness, grace=config.grace,
+                           horizon=config.late_horizon, idle_timeout=config.idle_timeout)
+
+
+@dataclass
+class _Prepared:
+    ctx: PartitionContext
+    msgs: list[Message]
+    events: list[TraceEvent]
+    offsets: np.ndarray
+    cols: Columns | None
+    late: int
+    missing: list[BucketId]
+    dlq: list[DlqRecord]
+
+
+class Processor:
+    def __init__(self, config: Config, registry: Registry, store: StreamStore, metrics: Metrics,
+                 stream_id: str, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.registry = registry
+        self.store = store
+        self.metrics = metrics
+        self.stream_id = stream_id
+        self.clock = clock
+        self.contexts: dict[int, PartitionContext] = {}
+        self.traces: list[tuple[Any, ...]] = []
+        self.spans: list[tuple[Any, ...]] = []
+        self.unacked: list[Any] = []
+        self.pending_events = 0
+
+    # ----------------------------------------------------------------- assignment
+
+    def assign(self, partitions: set[int]) -> None:
+        """Take ownership: read each partition's next offset and watermark from PostgreSQL."""
+        new = sorted(p for p in partitions if p not in self.contexts)
+        if not new:
+            return
+        stored = self.store.load_offsets(self.stream_id, new)
+        for p in new:
+            wm = Watermark(_policy(self.config))
+            next_offset, base = 0, None
+            if p in stored:
+                next_offset, max_ts = stored[p]
+                base = next_offset
+                if max_ts is not None:
+                    wm.max_event_time = max_ts
+            self.contexts[p] = PartitionContext(p, PartitionState(self.registry), wm, next_offset, base)
+            log.info("assigned partition=%d next_offset=%d", p, next_offset)
+        self.metrics.assigned_partitions.set(len(self.contexts))
+
+    def revoke(self, partitions: set[int]) -> None:
+        """Drop partitions (after a flush): whoever owns them next reloads from PostgreSQL."""
+        for p in partitions:
+            if self.contexts.pop(p, None) is not None:
+                log.info("revoked partition=%d", p)
+                for gauge in (self.metrics.watermark_lag, self.metrics.watermark, self.metrics.consumer_lag):
+                    try:
+                        gauge.remove(str(p))
+                    except KeyError:
+                        pass
+        self.metrics.assigned_partitions.set(len(self.contexts))
+
+    # ----------------------------------------------------------------- processing
+
+    def process(self, messages: list[Message]) -> Outcome:
+        """Decode, classify and fold a batch of messages.
+
+        Atomic: everything that can fail (loading stored buckets) happens before any
+        state changes, so a failed call can simply be retried with the same messages.
+        """
+        out = Outcome()
+        by_partition: dict[int, list[Message]] = {}
+        for m in messages:
+            by_partition.setdefault(m.partition, []).append(m)
+        prepared: list[_Prepared] = []
+        for p, msgs in by_partition.items():
+            ctx = self.contexts.get(p)
+            if ctx is None:
+                out.ignored += len(msgs)
+                continue
+            fresh = [m for m in msgs if m.offset >= ctx.next_offset]
+            dupes = len(msgs) - len(fresh)
+            if dupes:
+                self.metrics.duplicates_skipped.inc(dupes)
+                out.ack_now.extend(m.ref for m in msgs if m.offset < ctx.next_offset)
+            if fresh:
+                prepared.append(self._prepare(ctx, fresh))
+        loaded = {id(prep): self.store.load_buckets(self.stream_id, prep.ctx.partition, prep.missing)
+                  for prep in prepared if prep.missing}
+        for prep in prepared:
+            self._apply(prep, loaded.get(id(prep), {}), out)
+        return out
+
+    def _prepare(self, ctx: PartitionContext, msgs: list[Message]) -> _Prepared:
+        events: list[TraceEvent] = []
+        offsets: list[int] = []
+        dlq: list[DlqRecord] = []
+        for m in msgs:
+            decoded = decode_message(m.value)
+            for r in decoded.rejects:
+                dlq.append(DlqRecord(r.raw, r.reason, m.partition, m.offset, r.index))
+            events.extend(decoded.events)
+            offsets.extend([m.offset] * len(decoded.events))
+        self.metrics.messages_consumed.inc(len(msgs))
+        offs = np.asarray(offsets, dtype=np.int64)
+        if not events:
+            return _Prepared(ctx, msgs, events, offs, None, 0, [], dlq)
+        ts = event_times(events)
+        classified = ctx.watermark.classify(ts)
+        if classified.too_late.any():
+            for i in np.flatnonzero(classified.too_late).tolist():
+                dlq.append(DlqRecord(encode_event(events[i]), "too_late", ctx.partition, int(offs[i]), None))
+            keep = ~classified.too_late
+            events = [e for e, k in zip(events, keep.tolist(), strict=True) if k]
+            offs, ts = offs[keep], ts[keep]
+        cols = to_columns(events, offs, self.registry, ts=ts) if events else None
+        missing = sorted(cols.buckets() - ctx.pstate.buckets) if cols is not None else []
+        return _Prepared(ctx, msgs, events, offs, cols, int(classified.late.sum()), missing, dlq)
+
+    def _apply(self, prep: _Prepared, loaded: dict[Key, Any], out: Outcome) -> None:
+        ctx = prep.ctx
+        for key, state in loaded.items():
+            ctx.pstate.put(key, state)
+        for bucket in prep.missing:  # mark as resident even when nothing was stored
+            ctx.pstate.by_bucket.setdefault(bucket, set())
+        if prep.cols is not None:
+            result = fold(ctx.pstate, prep.cols)
+            ctx.changed |= result.changed
+            ctx.changed -= result.removed
+            ctx.removed |= result.removed
+            ctx.removed -= result.changed
+            ts_max = float(prep.cols.ts.max())
+            ctx.watermark.max_event_time = max(ctx.watermark.max_event_time, ts_max)
+            ctx.watermark.last_event_wall = self.clock()
+            if self.config.archive:
+                self._archive(prep.events, prep.offs, ctx.partition)
+        ctx.next_offset = prep.msgs[-1].offset + 1
+        ctx.dirty = True
+        n_events = len(prep.events)
+        self.pending_events += n_events
+        out.folded_events += n_events
+        out.dlq.extend(prep.dlq)
+        self.unacked.extend(m.ref for m in prep.msgs)
+        m = self.metrics
+        m.events_consumed.inc(n_events + len(prep.dlq))
+        m.events_late.inc(prep.late)
+        for reason, n in Tally(r.reason for r in prep.dlq).items():
+            if reason == "too_late":
+                m.events_too_late.inc(n)
+            else:
+                m.events_invalid.labels(reason).inc(n)
+        m.pending_events.set(self.pending_events)
+
+    def _archive(self, events: list[TraceEvent], offsets: np.ndarray, partition: int) -> None:
+        traces, spans = self.traces, self.spans
+        for e, off in zip(events, offsets.tolist(), strict=True):
+            traces.append((e.trace_id, e.operation_type, e.started_at, e.duration_ms, e.status, e.user_id,
+                           e.kb_id, e.total_tokens, partition, off))
+            for s in e.spans:
+                spans.append((e.trace_id, s.span_id, s.kind, s.model, s.duration_ms, s.input_tokens,
+                              s.output_tokens, s.status, e.started_at, e.operation_type))
+
+    # ----------------------------------------------------------------- flushing
+
+    def closed_buckets(self, ctx: PartitionContext, now: float) -> list[BucketId]:
+        return sorted(b for b in ctx.pstate.buckets if ctx.watermark.is_closed(b[1] + SPAN[b[0]], now))
+
+    def has_work(self, now: float) -> bool:
+        return any(c.dirty or c.changed or c.removed or self.closed_buckets(c, now)
+                   for c in self.contexts.values()) or bool(self.traces)
+
+    def flush(self) -> tuple[FlushReport | None, list[Any]]:
+        """Write every change since the last flush; returns (report, refs now safe to ack).
+
+        On failure nothing here changes (the same changes are retried next time) and the
+        exception propagates to the caller, which counts it and backs off.
+        """
+        now = self.clock()
+        closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
+        parts = []
+        for p, ctx in self.contexts.items():
+            if not (ctx.dirty or ctx.changed or ctx.removed):
+                continue
+            upserts = [(k, ctx.pstate.states[k]) for k in ctx.changed if k in ctx.pstate.states]
+            parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
+                                        ctx.base_offset, upserts, sorted(ctx.removed)))
+        report = None
+        started = time.perf_counter()
+        if parts or self.traces:
+            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans)
+            report = self.store.flush(payload)
+            self.metrics.observe_run(time.perf_counter() - started, self.pending_events)
+            self.metrics.rows_upserted.inc(report.rows)
+            self.metrics.archived_traces.inc(report.traces)
+            log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs",
+                     [p.partition for p in parts], report.partials, report.rows, report.traces,
+                     self.pending_events, time.perf_counter() - started)
+        for part in parts:
+            ctx = self.contexts[part.partition]
+            ctx.changed.clear()
+            ctx.removed.clear()
+            ctx.dirty = False
+            ctx.base_offset = ctx.next_offset
+        for p, buckets in closing.items():
+            ctx = self.contexts[p]
+            for b in buckets:
+                n = ctx.pstate.evict_bucket(b)
+                log.debug("closed bucket partition=%d granularity=%s bucket=%d states=%d", p, b[0], b[1], n)
+        self.traces, self.spans = [], []
+        self.pending_events = 0
+        refs, self.unacked = self.unacked, []
+        self._update_gauges(now)
+        return report, refs
+
+    def _update_gauges(self, now: float) -> None:
+        m = self.metrics
+        m.pending_events.set(self.pending_events)
+        counts = dict.fromkeys(GRANULARITIES, 0)
+        for ctx in self.contexts.values():
+            for g, _ in ctx.pstate.buckets:
+                counts[g] += 1
+            wm = ctx.watermark
+            if np.isfinite(wm.max_event_time):
+                m.watermark_lag.labels(str(ctx.partition)).set(wm.lag_seconds(now))
+                m.watermark.labels(str(ctx.partition)).set(wm.effective(now))
+        for g, n in counts.items():
+            m.open_buckets.labels(g).set(n)
+
+
+def _finite(x: float) -> float | None:
+    return x if np.isfinite(x) else None

@@ -1,0 +1,230 @@
+"""The Faust shell around `Processor`: agent, flush timer, rebalance hooks, shutdown.
+
+Faust delivers messages; everything that decides anything lives in the processor and
+the core. Faust's own windowed tables are not used (they expire windows by wall clock
+and drop late events); its offset commits are kept *behind* PostgreSQL by holding an
+extra reference on every message until the flush that made it durable has committed.
+
+Threading: processing and flushing run on one dedicated thread, in submission order,
+so the event loop stays free for heartbeats and fetching, and the two never overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import faust
+from faust.types import TP
+
+from stream_agg.config import Config
+from stream_agg.core.registry import Registry, default_registry
+from stream_agg.kafka.processor import Message, Outcome, Processor
+from stream_agg.observability import Metrics
+from stream_agg.store.db import describe_db_error
+from stream_agg.store.stream_state import FencedError, StreamStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MAX_BACKOFF = 30.0
+
+
+def stream_id(config: Config) -> str:
+    """Identity of the stream's stored state: one per (consumer group, topic)."""
+    return f"{config.group_id}:{config.topic}"
+
+
+def build_app(config: Config) -> faust.App:
+    """A Faust app configured for this worker (no tables, no web server, raw values)."""
+    return faust.App(
+        config.group_id,
+        broker=[f"kafka://{h.strip()}" for h in config.kafka_bootstrap.split(",")],
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",
+        web_enabled=False,
+        topic_disable_leader=True,
+        topic_allow_declare=False,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=config.session_timeout,
+        broker_heartbeat_interval=config.heartbeat_interval,
+        broker_rebalance_timeout=config.rebalance_timeout,
+        broker_commit_interval=1.0,
+        stream_wait_empty=False,  # our acks wait for PostgreSQL; the revoke hook flushes instead
+        stream_recovery_delay=0.0,
+        producer_acks=-1,
+        stream_buffer_maxsize=max(4096, config.batch_size * 4),
+    )
+
+
+class WorkerShell:
+    """Wires a Processor into a Faust app."""
+
+    def __init__(self, config: Config, registry: Registry | None = None,
+                 metrics: Metrics | None = None) -> None:
+        self.config = config
+        self.registry = registry or default_registry(config.cardinality_caps)
+        self.metrics = metrics or Metrics(job="stream")
+        self.store = StreamStore(config.database_url)
+        self.processor = Processor(config, self.registry, self.store, self.metrics, stream_id(config))
+        self.app = build_app(config)
+        self.topic = self.app.topic(config.topic, value_type=bytes, value_serializer="raw",
+                                    key_serializer="raw", allow_empty=True)
+        self.dlq = self.app.topic(config.dlq, value_type=bytes, value_serializer="raw", key_serializer="raw")
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-agg-fold")
+        self.flush_lock = asyncio.Lock()
+        self.last_flush = time.monotonic()
+        self.failures = 0
+        self.stopping = False
+        self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
+        self.app.timer(interval=max(0.2, min(1.0, config.flush_interval / 2)))(self._tick)
+        self.app.on_partitions_assigned.connect(self._on_assigned)
+        self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_before_shutdown.connect(self._on_shutdown)
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    def _ours(self, tps: set[TP]) -> set[int]:
+        return {tp.partition for tp in tps if tp.topic == self.config.topic}
+
+    # ----------------------------------------------------------------- rebalance
+
+    async def _on_assigned(self, sender: Any, assigned: set[TP], **_: Any) -> None:
+        parts = self._ours(assigned)
+        delay = 1.0
+        while True:
+            try:
+                await self._run(self.processor.assign, parts)
+                self.metrics.db_up.set(1)
+                return
+            except Exception as exc:  # noqa: BLE001 - keep trying until PostgreSQL is back
+                self.metrics.db_up.set(0)
+                log.warning("cannot load offsets for partitions=%s: %s; retrying in %.0fs",
+                            sorted(parts), describe_db_error(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+
+    async def _on_revoked(self, sender: Any, revoked: set[TP], **_: Any) -> None:
+        parts = self._ours(revoked)
+        if not parts:
+            return
+        await self._flush(reason="revoke")
+        await self._run(self.processor.revoke, parts)
+
+    async def _on_shutdown(self, sender: Any, **_: Any) -> None:
+        self.stopping = True
+        ok = await self._flush(reason="shutdown")
+        log.info("final flush on shutdown: %s", "ok" if ok else "FAILED (will be re-read from Kafka)")
+        await self._run(self.store.close)
+        self.executor.shutdown(wait=False)
+
+    # ----------------------------------------------------------------- consuming
+
+    async def _agent(self, stream: faust.StreamT) -> None:
+        async for events in stream.take_events(self.config.batch_size, within=self.config.batch_timeout):
+            msgs = []
+            for ev in events:
+                message = ev.message
+                message.incref()  # held until the flush that makes it durable
+                msgs.append(Message(message.partition, message.offset, message.value, message))
+            outcome = await self._process(msgs)
+            for rec in outcome.dlq:
+                await self.dlq.send(value=rec.value, headers=rec.headers())
+            self.metrics.dlq_messages.inc(len(outcome.dlq))
+            self._ack(outcome.ack_now)
+            if outcome.ignored:
+                self._ack([m.ref for m in msgs if m.partition not in self.processor.contexts])
+            if self.processor.pending_events >= self.config.max_pending_events:
+                await self._flush_until_ok()
+            elif time.monotonic() - self.last_flush >= self.config.flush_interval:
+                await self._flush(reason="interval")
+
+    async def _process(self, msgs: list[Message]) -> Outcome:
+        """Process a batch; if stored state cannot be loaded, wait and retry (consumption pauses)."""
+        delay = 1.0
+        while True:
+            try:
+                outcome = await self._run(self.processor.process, msgs)
+                self.metrics.db_up.set(1)
+                return outcome
+            except Exception as exc:  # noqa: BLE001 - the batch is retried; nothing was changed
+                self.metrics.db_up.set(0)
+                self.metrics.paused.set(1)
+                log.warning("processing paused (partition=%s offsets %d..%d): %s; retrying in %.0fs",
+                            msgs[0].partition, msgs[0].offset, msgs[-1].offset, describe_db_error(exc), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_BACKOFF)
+            finally:
+                self.metrics.paused.set(0)
+
+    def _ack(self, refs: list[Any]) -> None:
+        consumer = self.app.consumer
+        for ref in refs:
+            if ref is not None:
+                ref.ack(consumer)
+
+    # ----------------------------------------------------------------- flushing
+
+    async def _tick(self) -> None:
+        """Flush on the interval even when no messages arrive (closes idle buckets)."""
+        self._update_lag()
+        if self.stopping or time.monotonic() - self.last_flush < self._next_delay():
+            return
+        if await self._run(self.processor.has_work, time.time()):
+            await self._flush(reason="timer")
+
+    def _next_delay(self) -> float:
+        if self.failures:
+            return min(self.config.flush_interval * (2 ** self.failures), MAX_BACKOFF)
+        return self.config.flush_interval
+
+    async def _flush_until_ok(self) -> None:
+        """Backpressure: too much is pending, so stop consuming until a flush succeeds."""
+        self.metrics.paused.set(1)
+        log.warning("pending events %d >= %d: consumption paused until a flush succeeds",
+                    self.processor.pending_events, self.config.max_pending_events)
+        try:
+            while not await self._flush(reason="backpressure"):
+                await asyncio.sleep(self._next_delay())
+        finally:
+            self.metrics.paused.set(0)
+
+    async def _flush(self, reason: str) -> bool:
+        async with self.flush_lock:
+            self.last_flush = time.monotonic()
+            try:
+                await self.app.producer.flush()  # DLQ records durable before their messages are acked
+                _report, refs = await self._run(self.processor.flush)
+            except FencedError as exc:
+                log.error("flush fenced (%s): another worker owns these partitions now; dropping them", exc)
+                await self._run(self.processor.revoke, set(self.processor.contexts))
+                await self._run(self.processor.assign, self._ours(self.app.consumer.assignment()))
+                self.metrics.flush_failures.inc()
+                return False
+            except Exception as exc:  # noqa: BLE001 - keep state, retry with backoff
+                self.failures += 1
+                self.metrics.flush_failures.inc()
+                self.metrics.db_up.set(0)
+                log.warning("flush failed (%s, attempt %d): %s; state kept in memory, next try in %.0fs",
+                            reason, self.failures, describe_db_error(exc), self._next_delay())
+                return False
+            self.failures = 0
+            self.metrics.db_up.set(1)
+            self._ack(refs)
+            return True
+
+    def _update_lag(self) -> None:
+        try:
+            consumer = self.app.consumer
+            for p, ctx in list(self.processor.contexts.items()):
+                high = consumer.highwater(TP(self.config.topic, p))
+                if high is not None:
+                    durable = ctx.base_offset if ctx.base_offset is not None else 0
+                    self.metrics.consumer_lag.labels(str(p)).set(max(0, high - durable))
+        except Exception:  # noqa: BLE001 - lag is best effort before the consumer has started
+            return

@@ -1,0 +1,110 @@
+"""AggState: exact statistics, percentiles equal to PERCENTILE_CONT, associative merges, bytes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from helpers import rank_error
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_agg.core.aggstate import (
+    AggState,
+    UnknownVersionError,
+    digest_from_bytes,
+    digest_to_bytes,
+)
+
+QS = (0.5, 0.95, 0.99)
+
+
+def _data(kind: str, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == "lognormal":
+        return rng.lognormal(5, 1.5, n)
+    return np.concatenate([rng.normal(100, 10, n // 2), rng.normal(2000, 300, n - n // 2)])
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "bimodal"])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000])
+def test_small_states_equal_percentile_cont(kind: str, n: int) -> None:
+    x = _data(kind, n, n)
+    s = AggState.from_values(x, with_digest=True)
+    assert s.count == n
+    assert s.sum == pytest.approx(float(np.sum(x)), rel=1e-12)
+    assert (s.min, s.max) == (float(x.min()), float(x.max()))
+    assert s.avg == pytest.approx(float(np.mean(x)), rel=1e-12)
+    for q in QS:
+        assert s.quantile(q) == pytest.approx(float(np.percentile(x, q * 100, method="linear")), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "bimodal"])
+def test_merged_small_partials_stay_exact(kind: str) -> None:
+    x = _data(kind, 1000, 3)
+    parts = np.array_split(x, 100)
+    merged = AggState.merge_many([AggState.from_values(p, True) for p in parts], True)
+    for q in QS:
+        assert merged.quantile(q) == pytest.approx(float(np.percentile(x, q * 100)), rel=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "bimodal"])
+@pytest.mark.parametrize("partials", [1, 100])
+def test_large_states_within_rank_error(kind: str, partials: int) -> None:
+    x = _data(kind, 200_000, 11)
+    states = [AggState.from_values(p, True) for p in np.array_split(x, partials)]
+    merged = AggState.merge_many(states, True) if partials > 1 else states[0]
+    assert merged.count == x.size
+    assert merged.sum == pytest.approx(float(x.sum()), rel=1e-9)
+    for q in QS:
+        assert rank_error(x, merged.quantile(q), q) <= 0.001, q
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.floats(0, 1e9, allow_nan=False, allow_infinity=False), min_size=0, max_size=30),
+                min_size=1, max_size=8),
+       st.randoms(use_true_random=False))
+def test_merge_in_any_order_is_exact(chunks: list[list[float]], rnd) -> None:
+    allv = np.array([v for c in chunks for v in c], dtype=float)
+    states = [AggState.from_values(c, True, applied_offset=i) for i, c in enumerate(chunks)]
+    order = list(range(len(states)))
+    rnd.shuffle(order)
+    acc = AggState.empty(True)
+    for i in order:
+        acc.merge_in(states[i])
+    assert acc.count == allv.size
+    assert acc.applied_offset == len(chunks) - 1
+    if allv.size:
+        assert acc.sum == pytest.approx(float(allv.sum()), rel=1e-9, abs=1e-9)
+        assert (acc.min, acc.max) == (float(allv.min()), float(allv.max()))
+        for q in QS:
+            assert acc.quantile(q) == pytest.approx(float(np.percentile(allv, q * 100)), rel=1e-9, abs=1e-9)
+    else:
+        assert acc.quantile(0.5) is None and acc.avg is None
+
+
+def test_empty_and_no_digest_states() -> None:
+    assert AggState.empty(True).quantile(0.99) is None
+    no_digest = AggState.from_values([1.0, 2.0], with_digest=False)
+    assert no_digest.quantile(0.5) is None and no_digest.avg == 1.5
+    with pytest.raises(ValueError):
+        AggState.from_values([1.0], True).quantile(1.5)
+
+
+def test_bytes_round_trip_and_versioning() -> None:
+    x = _data("lognormal", 5000, 1)
+    s = AggState.from_values(x, True, applied_offset=42)
+    back = AggState.from_bytes(s.to_bytes())
+    assert back == s
+    assert back.quantile(0.95) == s.quantile(0.95)
+    plain = AggState.from_values([3.0], False, applied_offset=7)
+    assert AggState.from_bytes(plain.to_bytes()) == plain
+    assert len(plain.to_bytes()) < 64
+    with pytest.raises(UnknownVersionError, match="version 9"):
+        AggState.from_bytes(b"\x09" + s.to_bytes()[1:])
+    d = digest_from_bytes(digest_to_bytes(s.digest))
+    assert d.quantile(0.5) == s.digest.quantile(0.5)
+    with pytest.raises(UnknownVersionError):
+        digest_from_bytes(b"\x02abc")
+    assert math.isinf(AggState().min)
