@@ -10,6 +10,7 @@ import click
 # Sub-command modules, each with a click command `command`.
 COMMANDS = (
     "migrate",
+    "devstack",
 )
 
 
