@@ -11,6 +11,7 @@ import click
 COMMANDS = (
     "migrate",
     "devstack",
+    "produce",
 )
 
 
