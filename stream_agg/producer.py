@@ -172,7 +172,7 @@ class TraceProducer:
 
     # -- public API ----------------------------------------------------------------
 
-    def send(self, event: Any) -> None:
+    def send(self, event: dict[str, Any] | msgspec.Struct) -> None:
         """Queue one event (a dict or a msgspec Struct such as `TraceEvent`)."""
         data = encode_event(event)
         if not self.batching:
@@ -194,7 +194,7 @@ class TraceProducer:
                     or self._pending_bytes >= self.batch_max_bytes):
                 self._emit_locked()
 
-    def send_many(self, events: Iterable[Any]) -> int:
+    def send_many(self, events: Iterable[dict[str, Any] | msgspec.Struct]) -> int:
         """Queue every event of `events`; returns how many were queued."""
         count = 0
         for event in events:

@@ -108,13 +108,14 @@ def command(file_: BinaryIO | None, raw: bool, synthetic: int | None, seed: int,
         raise click.UsageError("give exactly one of --file PATH and --synthetic N")
     if raw and file_ is None:
         raise click.UsageError("--raw applies to --file only")
-    lines = _Lines(file_) if file_ is not None else None
-    if lines is not None:
-        source = lines.events(keep_bad=raw)
-    else:
-        assert synthetic is not None
+    lines: _Lines | None = None
+    source: Iterator[dict | bytes]
+    if synthetic is not None:
         source = iter_events(synthetic, seed, _parse_start(start, hours), hours,
                              users=users, kbs=kbs)
+    elif file_ is not None:
+        lines = _Lines(file_)
+        source = lines.events(keep_bad=raw)
 
     # kafka-python logs every reconnect attempt at ERROR; failures reach the operator as
     # one ProducerError line instead. --log-level DEBUG keeps the client's logs.
