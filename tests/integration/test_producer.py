@@ -15,6 +15,7 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from stream_agg.devstack import EmbeddedBroker, ensure_topics, free_port
+from stream_agg.events import TraceEvent, decode_message
 from stream_agg.producer import ProducerError, TraceProducer
 from stream_agg.synthetic import generate_events
 
@@ -74,6 +75,8 @@ def test_batched_events_arrive_exactly_in_bounded_messages(broker_bootstrap, top
     for r in records:
         batch = orjson.loads(r.value)
         assert isinstance(batch, list) and 1 <= len(batch) <= 200
+        decoded = decode_message(r.value)  # what the worker will see
+        assert not decoded.rejects and len(decoded.events) == len(batch)
     assert len({r.partition for r in records}) > 1  # keyless batches spread out
     received = events_of(records)
     assert len(received) == 3000
@@ -167,6 +170,18 @@ def test_msgspec_structs_and_datetimes_are_serialized_as_rfc3339(broker_bootstra
                                "duration_ms": 12.5, "status": "ok",
                                "spans": [{"span_id": "s1", "kind": "tool", "duration_ms": 3.0}]}
     assert got["t-naive"]["started_at"] == "2024-05-01T12:30:00Z"
+
+
+def test_trace_event_structs_round_trip_through_the_consumers_decoder(broker_bootstrap, topic):
+    sent = decode_message(orjson.dumps(generate_events(300, 10, START, 1))).events
+    assert len(sent) == 300 and isinstance(sent[0], TraceEvent)
+    with TraceProducer(broker_bootstrap, topic, batch_max_events=64) as producer:
+        producer.send_many(sent)
+    received = [e for r in read_topic(broker_bootstrap, topic) for e in decode_message(r.value).events]
+    assert sorted(received, key=lambda e: e.trace_id) == sorted(sent, key=lambda e: e.trace_id)
+    # Same instant and same offset as sent, not just an equal instant.
+    offsets = {e.trace_id: e.started_at.utcoffset() for e in received}
+    assert offsets == {e.trace_id: e.started_at.utcoffset() for e in sent}
 
 
 def test_unreachable_broker_fails_fast_with_the_address():
