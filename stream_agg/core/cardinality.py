@@ -16,8 +16,18 @@ from dataclasses import dataclass, field
 CAP_HASH_SQL = "('x' || substr(md5({expr}), 1, 15))::bit(60)::bigint"
 
 
+_HASHES: dict[str, int] = {}
+_HASH_CACHE_MAX = 1 << 20
+
+
 def cap_hash(value: str) -> int:
-    return int(hashlib.md5(value.encode("utf-8")).hexdigest()[:15], 16)
+    """60-bit md5 prefix of the value, memoised (the same values recur in every bucket)."""
+    h = _HASHES.get(value)
+    if h is None:
+        if len(_HASHES) >= _HASH_CACHE_MAX:
+            _HASHES.clear()
+        h = _HASHES[value] = int(hashlib.md5(value.encode("utf-8")).hexdigest()[:15], 16)
+    return h
 
 
 @dataclass
@@ -48,6 +58,10 @@ class KeptSet:
             self.members.add(value)
             return True, evicted
         return False, None
+
+    @property
+    def full(self) -> bool:
+        return len(self.order) >= self.limit
 
     def would_keep(self, value: str) -> bool:
         """Would `admit` keep it (without changing anything)?"""

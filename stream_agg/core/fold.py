@@ -27,8 +27,8 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_agg.core.aggstate import AggState, merge_digests, new_digest
-from stream_agg.core.buckets import GRANULARITIES, SPAN, bucket_starts
-from stream_agg.core.cardinality import KeptSet
+from stream_agg.core.buckets import GRANULARITIES, HOUR, SPAN, bucket_starts
+from stream_agg.core.cardinality import KeptSet, cap_hash
 from stream_agg.core.registry import ALL, DIMENSIONS, OTHER, Level, Metric, Registry
 
 Key = tuple[str, int, str, str, str]
@@ -53,9 +53,18 @@ class LevelColumns:
     codes: dict[str, I64]  # dimension -> code per row, -1 = null (skip)
     labels: dict[str, list[str]]  # dimension -> code -> value
 
+    _starts: dict[str, I64] = field(default_factory=dict)
+
     @property
     def size(self) -> int:
         return int(self.ts.size)
+
+    def starts(self, granularity: str) -> I64:
+        """Bucket start of every row (computed once per batch and granularity)."""
+        out = self._starts.get(granularity)
+        if out is None:
+            out = self._starts[granularity] = bucket_starts(self.ts, granularity)
+        return out
 
 
 @dataclass
@@ -266,17 +275,26 @@ def fold(pstate: PartitionState, cols: Columns) -> FoldResult:
 
 @dataclass
 class _Groups:
-    """Dense grouping of rows by (bucket, code) at one granularity."""
+    """Dense grouping of rows by (bucket, code) at one granularity.
+
+    gid = bucket_index * ncodes + code; for a capped dimension the codes were remapped
+    (values not kept -> the extra code `ncodes - 1`, labelled __other__).
+    """
 
     granularity: str
     base: int  # first bucket start
     ncodes: int
+    labels: list[str]
     gid: I64
     vals: F64
     offs: I64
 
     def bucket_of(self, g: I64 | int) -> I64 | int:
         return self.base + (g // self.ncodes) * SPAN[self.granularity]
+
+    def key(self, g: int, metric: str, dim: str) -> Key:
+        return (self.granularity, self.base + (g // self.ncodes) * SPAN[self.granularity], metric, dim,
+                self.labels[g % self.ncodes])
 
 
 def _fold_metric_dim(
@@ -286,59 +304,119 @@ def _fold_metric_dim(
     vals = lc.values[metric.name]
     codes = lc.codes[dim]
     rows = (codes >= 0) & ~np.isnan(vals)
-    if not rows.any():
+    every = bool(rows.all())
+    if not every and not rows.any():
         return
-    vals, codes, offs, ts = vals[rows], codes[rows], lc.offsets[rows], lc.ts[rows]
-    labels = lc.labels[dim]
-    ncodes = max(len(labels), 1)
-    hour_digests: dict[int, Any] | None = None
-    hour_groups: _Groups | None = None
+    if not every:
+        vals, codes = vals[rows], codes[rows]
+    offs = lc.offsets if every else lc.offsets[rows]
+    starts_of = {g: (lc.starts(g) if every else lc.starts(g)[rows]) for g in GRANULARITIES}
+    labels = lc.labels[dim] or [ALL]
+    cap = pstate.registry.cap(dim)
+    raw_hour: tuple[int, int, dict[int, Any]] | None = None  # (hour base, ncodes, digest by raw gid)
+    if metric.digest and not may_dedup:
+        hour_starts = starts_of["hour"]
+        hbase = int(hour_starts.min())
+        raw = _Groups("hour", hbase, len(labels), labels, ((hour_starts - hbase) // HOUR) * len(labels) + codes,
+                      vals, offs)
+        raw_hour = (hbase, len(labels), _digests_by_group(raw))
     for g in GRANULARITIES:
-        starts = bucket_starts(ts, g)
+        starts = starts_of[g]
         base = int(starts.min())
-        gid = ((starts - base) // SPAN[g]) * ncodes + codes
-        grp = _Groups(g, base, ncodes, gid, vals, offs)
+        bidx = (starts - base) // SPAN[g]
+        if cap is not None:
+            remap = _cap_remap(pstate, g, base, bidx, codes, labels, metric.name, dim, cap, result)
+            glabels = [*labels, OTHER]
+            ncodes = len(glabels)
+            gcodes = remap[bidx, codes]
+        else:
+            remap, glabels, ncodes, gcodes = None, labels, len(labels), codes
+        grp = _Groups(g, base, ncodes, glabels, bidx * ncodes + gcodes, vals, offs)
         filtered = False
         if may_dedup:
-            grp, filtered = _drop_applied(pstate, grp, metric, dim, labels, result)
+            grp, filtered = _drop_applied(pstate, grp, metric.name, dim, result)
             if grp.gid.size == 0:
                 continue
         digests: dict[int, Any] | None = None
         if metric.digest:
-            if g == "hour" or filtered or hour_digests is None or hour_groups is None:
+            if raw_hour is None or filtered:
                 digests = _digests_by_group(grp)
             else:
-                digests = _merge_child_digests(grp, hour_groups, hour_digests)
-            if g == "hour":
-                hour_digests, hour_groups = digests, grp
-        _apply_groups(pstate, grp, metric, dim, labels, digests, result)
+                digests = _roll_up_digests(grp, raw_hour, remap)
+        _apply_groups(pstate, grp, metric, dim, digests, result)
+
+
+def _cap_remap(
+    pstate: PartitionState, g: str, base: int, bidx: I64, codes: I64, labels: list[str], metric: str,
+    dim: str, cap: int, result: FoldResult,
+) -> I64:
+    """Per bucket: code -> itself if the value is kept under the cap, else the __other__ code.
+
+    Values are admitted in ascending hash order so a batch evicts as little as possible;
+    a value that was kept before and is pushed out now has its state moved to __other__.
+    """
+    other = len(labels)
+    nb = int(bidx.max()) + 1
+    remap = np.full((nb, other + 1), other, dtype=np.int64)
+    remap[:, other] = other
+    span = SPAN[g]
+    pair = np.unique(bidx * (other + 1) + codes)
+    for b in np.unique(pair // (other + 1)).tolist():
+        present = (pair[(pair // (other + 1)) == b] % (other + 1)).tolist()
+        scope: CapScope = (g, base + b * span, metric, dim)
+        kept = pstate.kept.get(scope)
+        if kept is None:
+            kept = pstate.kept[scope] = KeptSet(cap)
+        members = kept.members
+        newcomers = [c for c in present if labels[c] not in members]
+        if newcomers:
+            for c in sorted(newcomers, key=lambda c: (cap_hash(labels[c]), labels[c])):
+                admitted, evicted = kept.admit(labels[c])
+                if not admitted:
+                    break  # ascending hashes: every later newcomer is rejected too
+                if evicted is not None:
+                    _evict(pstate, scope, evicted, result)
+            members = kept.members
+        row = remap[b]
+        for c in present:
+            if labels[c] in members:
+                row[c] = c
+    return remap
+
+
+def _evict(pstate: PartitionState, scope: CapScope, value: str, result: FoldResult) -> None:
+    """Move a value pushed out by the cap into the scope's __other__ state."""
+    old_key: Key = (*scope, value)
+    old = pstate.states.get(old_key)
+    if old is None:
+        return
+    pstate.remove(old_key)
+    other_key: Key = (*scope, OTHER)
+    other = pstate.states.get(other_key)
+    if other is None:
+        pstate.put(other_key, old)
+    else:
+        other.merge_in(old)
+    result.changed.add(other_key)
+    result.changed.discard(old_key)
+    result.removed.add(old_key)
 
 
 def _drop_applied(
-    pstate: PartitionState, grp: _Groups, metric: Metric, dim: str, labels: list[str],
-    result: FoldResult,
+    pstate: PartitionState, grp: _Groups, metric: str, dim: str, result: FoldResult,
 ) -> tuple[_Groups, bool]:
     """Remove rows at or below their key's applied offset (re-delivered events)."""
     present = np.unique(grp.gid)
     applied = np.full(present.size, -1, dtype=np.int64)
-    cap = pstate.registry.cap(dim)
     for j, g in enumerate(present.tolist()):
-        bucket = int(grp.bucket_of(g))
-        value = labels[g % grp.ncodes] if labels else ALL
-        key: Key = (grp.granularity, bucket, metric.name, dim, value)
-        state = pstate.get(key)
-        if state is None and cap is not None:
-            kept = pstate.kept.get(key[:4])
-            if kept is not None and not kept.would_keep(value):
-                state = pstate.get((*key[:4], OTHER))
+        state = pstate.states.get(grp.key(g, metric, dim))
         if state is not None:
             applied[j] = state.applied_offset
-    row_applied = applied[np.searchsorted(present, grp.gid)]
-    keep = grp.offs > row_applied
+    keep = grp.offs > applied[np.searchsorted(present, grp.gid)]
     if keep.all():
         return grp, False
     result.rows_skipped += int((~keep).sum())
-    return _Groups(grp.granularity, grp.base, grp.ncodes, grp.gid[keep], grp.vals[keep],
+    return _Groups(grp.granularity, grp.base, grp.ncodes, grp.labels, grp.gid[keep], grp.vals[keep],
                    grp.offs[keep]), True
 
 
@@ -358,23 +436,33 @@ def _digests_by_group(grp: _Groups) -> dict[int, Any]:
     return out
 
 
-def _merge_child_digests(grp: _Groups, hours: _Groups, hour_digests: dict[int, Any]) -> dict[int, Any]:
-    """Day / week digests as merges of the batch's hour digests (no second value pass)."""
+def _roll_up_digests(grp: _Groups, raw: tuple[int, int, dict[int, Any]], remap: I64 | None) -> dict[int, Any]:
+    """Digests of `grp` as merges of the batch's raw (hour, value) digests: no second pass over values.
+
+    Only hour-level states may take a raw digest as their own; coarser ones get a copy
+    or a merge, so no two states ever share a digest object.
+    """
+    hbase, ncodes_raw, digests = raw
+    if grp.granularity == "hour" and remap is None:
+        return digests
+    raw_gids = np.fromiter(digests, dtype=np.int64, count=len(digests))
+    hour_starts = hbase + (raw_gids // ncodes_raw) * HOUR
+    bidx = (bucket_starts(hour_starts.astype(np.float64), grp.granularity) - grp.base) // SPAN[grp.granularity]
+    codes = raw_gids % ncodes_raw
+    gids = bidx * grp.ncodes + (remap[bidx, codes] if remap is not None else codes)
     children: dict[int, list[Any]] = {}
-    hour_gids = np.fromiter(hour_digests, dtype=np.int64, count=len(hour_digests))
-    hour_starts = hours.base + (hour_gids // hours.ncodes) * SPAN["hour"]
-    parents = bucket_starts(hour_starts.astype(np.float64), grp.granularity)
-    gids = ((parents - grp.base) // SPAN[grp.granularity]) * grp.ncodes + hour_gids % hours.ncodes
-    for g, digest in zip(gids.tolist(), hour_digests.values(), strict=True):
-        children.setdefault(g, []).append(digest)
-    return {g: (ds[0] if len(ds) == 1 else merge_digests(ds)) for g, ds in children.items()}
+    for g, d in zip(gids.tolist(), digests.values(), strict=True):
+        children.setdefault(g, []).append(d)
+    own = grp.granularity == "hour"
+    return {g: (ds[0] if own else ds[0].copy()) if len(ds) == 1 else merge_digests(ds)
+            for g, ds in children.items()}
 
 
 def _apply_groups(
-    pstate: PartitionState, grp: _Groups, metric: Metric, dim: str, labels: list[str],
-    digests: dict[int, Any] | None, result: FoldResult,
+    pstate: PartitionState, grp: _Groups, metric: Metric, dim: str, digests: dict[int, Any] | None,
+    result: FoldResult,
 ) -> None:
-    """Merge each group's aggregate into its (possibly capped) state."""
+    """Merge each group's aggregate into its state (a new key takes the group's digest as is)."""
     size = int(grp.gid.max()) + 1
     counts = np.bincount(grp.gid, minlength=size)
     sums = np.bincount(grp.gid, weights=grp.vals, minlength=size)
@@ -385,59 +473,39 @@ def _apply_groups(
     top = np.full(size, -1, dtype=np.int64)
     np.maximum.at(top, grp.gid, grp.offs)
     present = np.flatnonzero(counts)
-    cap = pstate.registry.cap(dim)
     span = SPAN[grp.granularity]
-    name, gran = metric.name, grp.granularity
+    name, gran, ncode, labels, base = metric.name, grp.granularity, grp.ncodes, grp.labels, grp.base
+    states = pstate.states
+    changed = result.changed
+    by_bucket = pstate.by_bucket
+    with_digest = metric.digest
     for g, c, s, lo, hi, off in zip(
         present.tolist(), counts[present].tolist(), sums[present].tolist(),
         mins[present].tolist(), maxs[present].tolist(), top[present].tolist(), strict=True,
     ):
-        ncode = grp.ncodes
-        bucket = grp.base + (g // ncode) * span
-        value = labels[g % ncode] if labels else ALL
-        key: Key = (gran, bucket, name, dim, value)
-        if cap is not None:
-            key = _capped_key(pstate, key, cap, result)
-        state = pstate.states.get(key)
+        bucket = base + (g // ncode) * span
+        key: Key = (gran, bucket, name, dim, labels[g % ncode])
+        state = states.get(key)
         if state is None:
-            state = AggState(digest=new_digest() if metric.digest else None)
-            pstate.put(key, state)
-        state.count += c
-        state.sum += s
-        if lo < state.min:
-            state.min = lo
-        if hi > state.max:
-            state.max = hi
-        if off > state.applied_offset:
-            state.applied_offset = off
-        if digests is not None and state.digest is not None:
-            state.digest.merge_inplace(digests[g])
-        result.changed.add(key)
+            digest = digests[g] if digests is not None else (new_digest() if with_digest else None)
+            states[key] = AggState(c, s, lo, hi, digest, off)
+            keys = by_bucket.get((gran, bucket))
+            if keys is None:
+                keys = by_bucket[(gran, bucket)] = set()
+            keys.add(key)
+        else:
+            state.count += c
+            state.sum += s
+            if lo < state.min:
+                state.min = lo
+            if hi > state.max:
+                state.max = hi
+            if off > state.applied_offset:
+                state.applied_offset = off
+            if digests is not None and state.digest is not None:
+                state.digest.merge_inplace(digests[g])
+        changed.add(key)
         result.rows_folded += c
-
-
-def _capped_key(pstate: PartitionState, key: Key, cap: int, result: FoldResult) -> Key:
-    """Route a key through the cap; an evicted value's state moves into __other__."""
-    scope: CapScope = key[:4]
-    kept = pstate.kept.get(scope)
-    if kept is None:
-        kept = pstate.kept[scope] = KeptSet(cap)
-    admitted, evicted = kept.admit(key[4])
-    if evicted is not None:
-        old_key: Key = (*scope, evicted)
-        old = pstate.states.get(old_key)
-        if old is not None:
-            pstate.remove(old_key)
-            other_key: Key = (*scope, OTHER)
-            other = pstate.states.get(other_key)
-            if other is None:
-                pstate.put(other_key, old)
-            else:
-                other.merge_in(old)
-            result.changed.add(other_key)
-            result.removed.add(old_key)
-            result.changed.discard(old_key)
-    return key if admitted else (*scope, OTHER)
 
 
 def fold_events(
