@@ -12,6 +12,7 @@ COMMANDS = (
     "migrate",
     "devstack",
     "produce",
+    "worker",
 )
 
 
@@ -34,3 +35,7 @@ for _name in COMMANDS:
 
 def main() -> None:
     cli(prog_name="stream-agg")
+
+
+if __name__ == "__main__":
+    main()
