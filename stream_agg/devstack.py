@@ -21,15 +21,18 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import psycopg
-from kafka import KafkaAdminClient
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError
+
+from stream_agg.kafka.admin import admin_client, ensure_topics
+
+__all__ = ["DevStack", "EmbeddedBroker", "EmbeddedPostgres", "ensure_topics", "free_port", "postgres_reachable",
+           "wait_for_port"]
 
 LOCAL_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 POLL = 0.1  # seconds between readiness probes: startup is sub-second, so poll fast
@@ -95,19 +98,6 @@ def _stop_process(proc: subprocess.Popen[bytes], first: int, grace: float) -> No
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait()
-
-
-def _admin(bootstrap: str, timeout: float) -> KafkaAdminClient:
-    """An admin client that gives up within `timeout` rather than kafka-python's 30 s default."""
-    ms = max(1000, int(timeout * 1000))
-    options: dict[str, Any] = {
-        "bootstrap_servers": bootstrap,
-        "client_id": "stream-agg-devstack",
-        "request_timeout_ms": ms,
-    }
-    if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG:  # kafka-python >= 3
-        options["bootstrap_timeout_ms"] = ms
-    return KafkaAdminClient(**options)
 
 
 class EmbeddedBroker:
@@ -193,7 +183,7 @@ class EmbeddedBroker:
     def _answers_as_ours(self) -> bool:
         """True once a Kafka metadata request succeeds and reports our cluster id."""
         try:
-            admin = _admin(self.bootstrap, timeout=2)
+            admin = admin_client(self.bootstrap, timeout=2, client_id="stream-agg-devstack")
         except (KafkaError, OSError):
             return False
         try:
@@ -403,62 +393,6 @@ class EmbeddedPostgres:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
-
-
-def _topic_state(info: Mapping[str, Any]) -> tuple[str, int, bool]:
-    """(name, partition count, every partition has a leader) from kafka-python 2.x or 3.x."""
-    name = info.get("name", info.get("topic"))
-    parts = info.get("partitions") or []
-    led = all(p.get("error_code", 0) == 0 and p.get("leader_id", p.get("leader", -1)) >= 0
-              for p in parts)
-    return str(name), len(parts), bool(parts) and led and info.get("error_code", 0) == 0
-
-
-def ensure_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30.0,
-                  replication_factor: int = 1) -> None:
-    """Create missing topics and wait until metadata shows each with its partitions.
-
-    Idempotent: an existing topic is kept; if its partition count differs from the
-    requested one this raises ValueError rather than silently running with a different
-    layout than the caller planned for.
-    """
-    if not topics:
-        return
-    deadline = time.monotonic() + timeout
-    admin = _admin(bootstrap, timeout=timeout)
-    try:
-        existing = set(admin.list_topics())
-        for name, partitions in topics.items():
-            if name in existing:
-                continue
-            try:
-                admin.create_topics([NewTopic(name, num_partitions=partitions,
-                                              replication_factor=replication_factor)])
-            except TopicAlreadyExistsError:
-                existing.add(name)
-        pending: dict[str, str] = {}
-        while True:
-            pending = {}
-            described = {}
-            with contextlib.suppress(KafkaError):
-                described = {_topic_state(t)[0]: _topic_state(t)
-                             for t in admin.describe_topics(list(topics))}
-            for name, wanted in topics.items():
-                state = described.get(name)
-                if state is None or not state[2]:
-                    pending[name] = "not in metadata yet"
-                elif state[1] != wanted:
-                    if name in existing:
-                        raise ValueError(f"topic {name!r} exists with {state[1]} partitions, "
-                                         f"expected {wanted}")
-                    pending[name] = f"{state[1]}/{wanted} partitions"
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"topics not ready after {timeout:.0f}s: {pending}")
-            time.sleep(POLL)
-    finally:
-        admin.close()
 
 
 class DevStack:

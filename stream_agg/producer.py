@@ -37,9 +37,10 @@ from typing import Any
 
 import msgspec
 import orjson
-from kafka import KafkaAdminClient, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+
+from stream_agg.kafka.admin import BrokerUnavailable, ensure_topics
 
 _ORJSON_OPTS = orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z | orjson.OPT_SERIALIZE_NUMPY
 _CONNECT_TIMEOUT_MS = 8_000
@@ -91,35 +92,17 @@ def _client_options(bootstrap: str, compression_type: str | None,
     return options
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int) -> bool:
-    """Create `topic` if it is missing; True if this call created it.
+def ensure_topic(bootstrap: str, topic: str, partitions: int) -> None:
+    """Create `topic` if it is missing (an existing topic is kept as it is).
 
     The replication factor is left to the broker (-1 = its `default.replication.factor`),
     so the same call suits a single-node dev broker and a production cluster.
     """
-    options: dict[str, Any] = {"bootstrap_servers": bootstrap, "client_id": "stream-agg-admin",
-                               "request_timeout_ms": 10_000}
-    if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG:  # kafka-python >= 3
-        options["bootstrap_timeout_ms"] = _CONNECT_TIMEOUT_MS
-    else:
-        options["api_version_auto_timeout_ms"] = _CONNECT_TIMEOUT_MS
     try:
-        admin = KafkaAdminClient(**options)
-    except KafkaError as exc:
-        raise ProducerError(
-            f"cannot connect to Kafka at {bootstrap}: {describe_error(exc)}") from None
-    try:
-        if topic in admin.list_topics():
-            return False
-        admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=-1)])
-        return True
-    except TopicAlreadyExistsError:
-        return False
-    except KafkaError as exc:
-        raise ProducerError(
-            f"cannot create topic {topic} at {bootstrap}: {describe_error(exc)}") from None
-    finally:
-        admin.close()
+        ensure_topics(bootstrap, {topic: partitions}, timeout=_CONNECT_TIMEOUT_MS / 1000,
+                      replication_factor=-1, strict=False)
+    except (BrokerUnavailable, KafkaError, TimeoutError) as exc:
+        raise ProducerError(f"cannot create topic {topic} at {bootstrap}: {describe_error(exc)}") from None
 
 
 class TraceProducer:

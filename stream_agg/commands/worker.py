@@ -41,8 +41,9 @@ def command(bootstrap: str | None, database_url: str | None, topic: str | None, 
         sys.exit(2)
     log.info("starting worker with %s", config.redacted())
     try:
-        ensure_topics(config.kafka_bootstrap, {config.topic: config.partitions, config.dlq: 1})
-    except BrokerUnavailable as exc:
+        ensure_topics(config.kafka_bootstrap, {config.topic: config.partitions, config.dlq: 1},
+                      replication_factor=-1, strict=False)
+    except (BrokerUnavailable, TimeoutError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     try:

@@ -1,55 +1,92 @@
-"""Broker checks and topic creation with kafka-python's admin client (works on Apache Kafka and Tansu)."""
+"""Broker checks and topic creation with kafka-python's admin client.
+
+Works on Apache Kafka and on the embedded Tansu broker, with kafka-python 2.x and 3.x
+(whose metadata and timeout settings differ). Used by the worker, `produce` and the
+dev stack, so topic handling lives in one place.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, NoBrokersAvailable, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+POLL = 0.1
 
 
 class BrokerUnavailable(RuntimeError):
-    """The bootstrap servers did not answer."""
+    """The bootstrap servers did not answer in time."""
 
 
-def admin_client(bootstrap: str, timeout: float = 10.0) -> KafkaAdminClient:
-    """An admin client, or BrokerUnavailable with one clear line within ~`timeout` seconds."""
+def admin_client(bootstrap: str, timeout: float, client_id: str = "stream-agg-admin") -> KafkaAdminClient:
+    """An admin client that gives up within `timeout` rather than kafka-python's 30 s default."""
+    ms = max(1000, int(timeout * 1000))
+    options: dict[str, Any] = {
+        "bootstrap_servers": [h.strip() for h in bootstrap.split(",")],
+        "client_id": client_id,
+        "request_timeout_ms": ms,
+    }
+    if "bootstrap_timeout_ms" in KafkaAdminClient.DEFAULT_CONFIG:  # kafka-python >= 3
+        options["bootstrap_timeout_ms"] = ms
+    try:
+        return KafkaAdminClient(**options)
+    except (KafkaError, OSError) as exc:
+        raise BrokerUnavailable(f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s "
+                                f"({type(exc).__name__})") from None
+
+
+def topic_state(info: Mapping[str, Any]) -> tuple[str, int, bool]:
+    """(name, partition count, every partition has a leader) from kafka-python 2.x or 3.x."""
+    name = info.get("name", info.get("topic"))
+    parts = info.get("partitions") or []
+    led = all(p.get("error_code", 0) == 0 and p.get("leader_id", p.get("leader", -1)) >= 0 for p in parts)
+    return str(name), len(parts), bool(parts) and led and info.get("error_code", 0) == 0
+
+
+def ensure_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30.0,
+                  replication_factor: int = 1, strict: bool = True) -> None:
+    """Create missing topics and wait until metadata shows each with its partitions.
+
+    Idempotent: an existing topic is kept. With `strict`, an existing topic whose
+    partition count differs from the requested one raises ValueError (tests want the
+    layout they planned); the worker passes strict=False and adapts to what exists.
+    """
+    if not topics:
+        return
     deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            return KafkaAdminClient(
-                bootstrap_servers=[h.strip() for h in bootstrap.split(",")],
-                request_timeout_ms=int(max(1.0, timeout) * 1000),
-                client_id="stream-agg-admin",
-            )
-        except (NoBrokersAvailable, KafkaError, OSError) as exc:
-            last = exc
-            time.sleep(0.2)
-    raise BrokerUnavailable(f"cannot reach Kafka at {bootstrap} within {timeout:.0f}s ({last!r})")
-
-
-def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30.0) -> None:
-    """Create missing topics (name -> partitions) and wait until metadata shows them."""
     admin = admin_client(bootstrap, timeout=min(timeout, 10.0))
     try:
         existing = set(admin.list_topics())
-        new = [NewTopic(name, partitions, 1) for name, partitions in topics.items() if name not in existing]
-        if new:
+        for name, partitions in topics.items():
+            if name in existing:
+                continue
             try:
-                admin.create_topics(new)
+                admin.create_topics([NewTopic(name, num_partitions=partitions,
+                                              replication_factor=replication_factor)])
             except TopicAlreadyExistsError:
-                pass
-        deadline = time.monotonic() + timeout
+                existing.add(name)
         while True:
-            described = {t["topic"]: len(t["partitions"]) for t in admin.describe_topics(list(topics))
-                         if not t.get("error_code")}
-            if all(described.get(name, 0) >= 1 for name in topics):
+            pending: dict[str, str] = {}
+            described: dict[str, tuple[str, int, bool]] = {}
+            with contextlib.suppress(KafkaError):
+                described = {topic_state(t)[0]: topic_state(t) for t in admin.describe_topics(list(topics))}
+            for name, wanted in topics.items():
+                state = described.get(name)
+                if state is None or not state[2]:
+                    pending[name] = "not in metadata yet"
+                elif state[1] != wanted and (strict or name not in existing):
+                    if name in existing:
+                        raise ValueError(f"topic {name!r} exists with {state[1]} partitions, expected {wanted}")
+                    pending[name] = f"{state[1]}/{wanted} partitions"
+            if not pending:
                 return
-            if time.monotonic() > deadline:
-                missing = sorted(n for n in topics if not described.get(n))
-                raise BrokerUnavailable(f"topics {missing} not visible after {timeout:.0f}s")
-            time.sleep(0.1)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"topics not ready after {timeout:.0f}s: {pending}")
+            time.sleep(POLL)
     finally:
         admin.close()

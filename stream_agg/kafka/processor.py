@@ -34,6 +34,10 @@ from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFl
 log = logging.getLogger(__name__)
 
 
+class PoisonedError(RuntimeError):
+    """Processing failed half-way; the in-memory state must not be written."""
+
+
 @dataclass
 class Message:
     partition: int
@@ -109,6 +113,7 @@ class Processor:
         self.spans: list[tuple[Any, ...]] = []
         self.unacked: list[Any] = []
         self.pending_events = 0
+        self.poisoned = False
 
     # ----------------------------------------------------------------- assignment
 
@@ -169,8 +174,14 @@ class Processor:
                 prepared.append(self._prepare(ctx, fresh))
         loaded = {id(prep): self.store.load_buckets(self.stream_id, prep.ctx.partition, prep.missing)
                   for prep in prepared if prep.missing}
-        for prep in prepared:
-            self._apply(prep, loaded.get(id(prep), {}), out)
+        try:
+            for prep in prepared:
+                self._apply(prep, loaded.get(id(prep), {}), out)
+        except BaseException:
+            # A half-applied batch must never reach PostgreSQL: refuse every later flush,
+            # so a restart resumes from the last consistent flush instead.
+            self.poisoned = True
+            raise
         return out
 
     def _prepare(self, ctx: PartitionContext, msgs: list[Message]) -> _Prepared:
@@ -215,7 +226,7 @@ class Processor:
             ctx.watermark.max_event_time = max(ctx.watermark.max_event_time, ts_max)
             ctx.watermark.last_event_wall = self.clock()
             if self.config.archive:
-                self._archive(prep.events, prep.offs, ctx.partition)
+                self._archive(prep.events, prep.offsets, ctx.partition)
         ctx.next_offset = prep.msgs[-1].offset + 1
         ctx.dirty = True
         n_events = len(prep.events)
@@ -257,6 +268,9 @@ class Processor:
         On failure nothing here changes (the same changes are retried next time) and the
         exception propagates to the caller, which counts it and backs off.
         """
+        if self.poisoned:
+            raise PoisonedError("in-memory state is inconsistent after an internal error; not flushing it "
+                                "(a restart resumes from the last flush)")
         now = self.clock()
         closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
         parts = []

@@ -18,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import faust
+import psycopg
 from faust.types import TP
 
 from stream_agg.config import Config
 from stream_agg.core.registry import Registry, default_registry
-from stream_agg.kafka.processor import Message, Outcome, Processor
+from stream_agg.kafka.processor import Message, Outcome, PoisonedError, Processor
 from stream_agg.observability import Metrics
 from stream_agg.store.db import describe_db_error
 from stream_agg.store.stream_state import FencedError, StreamStore
@@ -81,7 +82,7 @@ class WorkerShell:
         self.failures = 0
         self.stopping = False
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
-        self.app.timer(interval=max(0.2, min(1.0, config.flush_interval / 2)))(self._tick)
+        self.app.task(self._flush_loop)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
         self.app.on_before_shutdown.connect(self._on_shutdown)
@@ -145,20 +146,30 @@ class WorkerShell:
                 await self._flush(reason="interval")
 
     async def _process(self, msgs: list[Message]) -> Outcome:
-        """Process a batch; if stored state cannot be loaded, wait and retry (consumption pauses)."""
+        """Process a batch; if stored state cannot be loaded, wait and retry (consumption pauses).
+
+        Only database errors are retried: they happen before anything changes. Any other
+        error is a bug; the processor is then poisoned (never flushed) and the worker
+        crashes, so a restart resumes from the last consistent flush.
+        """
         delay = 1.0
         while True:
             try:
                 outcome = await self._run(self.processor.process, msgs)
                 self.metrics.db_up.set(1)
                 return outcome
-            except Exception as exc:  # noqa: BLE001 - the batch is retried; nothing was changed
+            except (psycopg.Error, OSError) as exc:  # the batch is retried; nothing was changed
                 self.metrics.db_up.set(0)
                 self.metrics.paused.set(1)
                 log.warning("processing paused (partition=%s offsets %d..%d): %s; retrying in %.0fs",
                             msgs[0].partition, msgs[0].offset, msgs[-1].offset, describe_db_error(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
+            except Exception as exc:
+                log.exception("internal error processing partition=%s offsets %d..%d; stopping the worker",
+                              msgs[0].partition, msgs[0].offset, msgs[-1].offset)
+                await self.app.crash(exc)
+                raise
             finally:
                 self.metrics.paused.set(0)
 
@@ -170,13 +181,15 @@ class WorkerShell:
 
     # ----------------------------------------------------------------- flushing
 
-    async def _tick(self) -> None:
+    async def _flush_loop(self) -> None:
         """Flush on the interval even when no messages arrive (closes idle buckets)."""
-        self._update_lag()
-        if self.stopping or time.monotonic() - self.last_flush < self._next_delay():
-            return
-        if await self._run(self.processor.has_work, time.time()):
-            await self._flush(reason="timer")
+        while not self.stopping:
+            await asyncio.sleep(min(1.0, self.config.flush_interval / 2))
+            self._update_lag()
+            if self.stopping or time.monotonic() - self.last_flush < self._next_delay():
+                continue
+            if await self._run(self.processor.has_work, time.time()):
+                await self._flush(reason="timer")
 
     def _next_delay(self) -> float:
         if self.failures:
@@ -200,6 +213,10 @@ class WorkerShell:
             try:
                 await self.app.producer.flush()  # DLQ records durable before their messages are acked
                 _report, refs = await self._run(self.processor.flush)
+            except PoisonedError as exc:
+                log.error("%s", exc)
+                await self.app.crash(exc)
+                return False
             except FencedError as exc:
                 log.error("flush fenced (%s): another worker owns these partitions now; dropping them", exc)
                 await self._run(self.processor.revoke, set(self.processor.contexts))

@@ -243,7 +243,7 @@ class StreamStore:
     def _archive(self, cur: psycopg.Cursor, payload: FlushPayload) -> tuple[int, int]:
         if not payload.traces and not payload.spans:
             return 0, 0
-        cur.execute("CREATE TEMP TABLE IF NOT EXISTS tmp_traces (LIKE traces) ON COMMIT DELETE ROWS")
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS tmp_traces (LIKE traces INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS tmp_spans (LIKE spans) ON COMMIT DELETE ROWS")
         with cur.copy(
             "COPY tmp_traces (trace_id, operation_type, started_at, duration_ms, status, user_id, kb_id, "
