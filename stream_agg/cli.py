@@ -13,6 +13,7 @@ COMMANDS = (
     "devstack",
     "produce",
     "worker",
+    "backfill",
 )
 
 

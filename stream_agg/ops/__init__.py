@@ -1,0 +1,1 @@
+"""Operator jobs: backfill, verify, replay and reconcile (orchestration over core and store)."""
