@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS metrics_aggregates (
 	CONSTRAINT metrics_aggregates_bucket_key UNIQUE (bucket_time, granularity, metric_name, dimension_type, dimension_value), 
 	CONSTRAINT metrics_aggregates_granularity_check CHECK (granularity IN ('hour', 'day', 'week')), 
 	CONSTRAINT metrics_aggregates_source_check CHECK (source IN ('stream', 'backfill'))
-);
+)
+ WITH (fillfactor = 70);
 CREATE INDEX IF NOT EXISTS metrics_aggregates_dashboard_idx ON metrics_aggregates (metric_name, granularity, dimension_type, dimension_value, bucket_time);
 
 CREATE TABLE IF NOT EXISTS spans (
@@ -72,7 +73,8 @@ CREATE TABLE IF NOT EXISTS stream_partials (
 	applied_offset BIGINT NOT NULL, 
 	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	CONSTRAINT stream_partials_pkey PRIMARY KEY (stream, granularity, bucket_time, metric_name, dimension_type, dimension_value, partition)
-);
+)
+ WITH (fillfactor = 70);
 
 CREATE TABLE IF NOT EXISTS traces (
 	trace_id TEXT NOT NULL, 

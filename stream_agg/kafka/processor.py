@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from stream_agg.config import Config
+from stream_agg.core.aggstate import AggState
 from stream_agg.core.buckets import GRANULARITIES, SPAN
 from stream_agg.core.fold import BucketId, Columns, Key, PartitionState, event_times, fold, to_columns
 from stream_agg.core.registry import Registry
@@ -32,6 +33,18 @@ from stream_agg.observability import Metrics
 from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFlush, StreamStore
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Snapshot:
+    """Changes taken out of the live state for one flush."""
+
+    payload: FlushPayload | None
+    closing: dict[int, list[BucketId]]
+    changed_by: dict[int, tuple[set[Key], set[Key]]]
+    refs: list[Any]
+    pending_events: int
+    taken_at: float
 
 
 class PoisonedError(RuntimeError):
@@ -114,6 +127,7 @@ class Processor:
         self.unacked: list[Any] = []
         self.pending_events = 0
         self.poisoned = False
+        self.topic_partitions: int | None = None  # set by the shell from topic metadata
 
     # ----------------------------------------------------------------- assignment
 
@@ -262,51 +276,134 @@ class Processor:
         return any(c.dirty or c.changed or c.removed or self.closed_buckets(c, now)
                    for c in self.contexts.values()) or bool(self.traces)
 
-    def flush(self) -> tuple[FlushReport | None, list[Any]]:
-        """Write every change since the last flush; returns (report, refs now safe to ack).
+    def snapshot(self) -> Snapshot:
+        """Take every change since the last flush out of the live state (copies), or None.
 
-        On failure nothing here changes (the same changes are retried next time) and the
-        exception propagates to the caller, which counts it and backs off.
+        Runs on the processing thread; the copy lets `StreamStore.flush` run on another
+        thread while folding goes on. `commit` or `rollback` must follow.
         """
         if self.poisoned:
             raise PoisonedError("in-memory state is inconsistent after an internal error; not flushing it "
                                 "(a restart resumes from the last flush)")
         now = self.clock()
         closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
-        parts = []
+        parts: list[PartitionFlush] = []
+        changed_by: dict[int, tuple[set[Key], set[Key]]] = {}
         for p, ctx in self.contexts.items():
             if not (ctx.dirty or ctx.changed or ctx.removed):
                 continue
-            upserts = [(k, ctx.pstate.states[k]) for k in ctx.changed if k in ctx.pstate.states]
+            upserts = [(k, ctx.pstate.states[k].copy()) for k in ctx.changed if k in ctx.pstate.states]
             parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
                                         ctx.base_offset, upserts, sorted(ctx.removed)))
-        report = None
-        started = time.perf_counter()
+            changed_by[p] = (ctx.changed, ctx.removed)
+            ctx.changed, ctx.removed, ctx.dirty = set(), set(), False
+        payload = None
         if parts or self.traces:
-            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans)
-            report = self.store.flush(payload)
-            self.metrics.observe_run(time.perf_counter() - started, self.pending_events)
-            self.metrics.rows_upserted.inc(report.rows)
-            self.metrics.archived_traces.inc(report.traces)
-            log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs",
-                     [p.partition for p in parts], report.partials, report.rows, report.traces,
-                     self.pending_events, time.perf_counter() - started)
-        for part in parts:
-            ctx = self.contexts[part.partition]
-            ctx.changed.clear()
-            ctx.removed.clear()
-            ctx.dirty = False
-            ctx.base_offset = ctx.next_offset
-        for p, buckets in closing.items():
-            ctx = self.contexts[p]
+            memory, resident = self._held_states(parts)
+            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, memory, resident,
+                                   self._complete_buckets(resident))
+        snap = Snapshot(payload, closing, changed_by, self.unacked, self.pending_events, now)
+        self.traces, self.spans, self.unacked, self.pending_events = [], [], [], 0
+        return snap
+
+    def commit(self, snap: Snapshot) -> list[Any]:
+        """The snapshot is durable: advance fencing offsets, close buckets; returns refs to ack."""
+        for part in snap.payload.partitions if snap.payload else []:
+            ctx = self.contexts.get(part.partition)
+            if ctx is not None:
+                ctx.base_offset = part.next_offset
+        for p, buckets in snap.closing.items():
+            ctx = self.contexts.get(p)
+            if ctx is None:
+                continue
+            busy = {(k[0], k[1]) for k in ctx.changed | ctx.removed}
             for b in buckets:
-                n = ctx.pstate.evict_bucket(b)
-                log.debug("closed bucket partition=%d granularity=%s bucket=%d states=%d", p, b[0], b[1], n)
-        self.traces, self.spans = [], []
-        self.pending_events = 0
-        refs, self.unacked = self.unacked, []
-        self._update_gauges(now)
-        return report, refs
+                if b not in busy:  # folded into again since the snapshot: close it next time
+                    ctx.pstate.evict_bucket(b)
+        self._update_gauges(snap.taken_at)
+        return snap.refs
+
+    def rollback(self, snap: Snapshot) -> None:
+        """The write failed: put the changes back so the next flush retries them."""
+        for p, (changed, removed) in snap.changed_by.items():
+            ctx = self.contexts.get(p)
+            if ctx is None:
+                continue
+            ctx.changed |= changed
+            ctx.removed |= removed
+            ctx.changed -= ctx.removed
+            ctx.dirty = True
+        if snap.payload is not None:
+            self.traces = snap.payload.traces + self.traces
+            self.spans = snap.payload.spans + self.spans
+        self.unacked = snap.refs + self.unacked
+        self.pending_events += snap.pending_events
+        self.metrics.pending_events.set(self.pending_events)
+
+    def write(self, snap: Snapshot) -> FlushReport | None:
+        """Write a snapshot in one transaction (any thread; touches no live state)."""
+        if snap.payload is None:
+            return None
+        started = time.perf_counter()
+        report = self.store.flush(snap.payload)
+        seconds = time.perf_counter() - started
+        self.metrics.observe_run(seconds, snap.pending_events)
+        self.metrics.rows_upserted.inc(report.rows)
+        self.metrics.archived_traces.inc(report.traces)
+        log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs",
+                 [p.partition for p in snap.payload.partitions], report.partials, report.rows, report.traces,
+                 snap.pending_events, seconds)
+        return report
+
+    def flush(self) -> tuple[FlushReport | None, list[Any]]:
+        """snapshot + write + commit in one call (tests, replay); rollback on failure."""
+        snap = self.snapshot()
+        try:
+            report = self.write(snap)
+        except BaseException:
+            self.rollback(snap)
+            raise
+        return report, self.commit(snap)
+
+    def _complete_buckets(self, resident: list[tuple[str, int, int]]) -> set[tuple[str, int]]:
+        """Buckets held in memory for every partition of the topic: nothing to read back for them."""
+        n = self.topic_partitions
+        if n is None or not set(range(n)) <= set(self.contexts):
+            return set()
+        seen: dict[tuple[str, int], int] = {}
+        for g, b, _ in resident:
+            seen[(g, b)] = seen.get((g, b), 0) + 1
+        return {bucket for bucket, count in seen.items() if count >= n}
+
+    def _held_states(self, parts: list[PartitionFlush]) -> tuple[dict[Key, list[Any]], list[tuple[str, int, int]]]:
+        """Every owned partition's state of each changed key (copies), and which buckets are resident.
+
+        When this worker owns every partition of the topic, resident buckets need no
+        read-back at all; otherwise the merge reads the other partitions' partials.
+        """
+        changed: set[Key] = set()
+        own: dict[tuple[Key, int], AggState] = {}
+        for part in parts:
+            for k, st in part.upserts:
+                changed.add(k)
+                own[(k, part.partition)] = st
+            changed.update(part.removed)
+        buckets = {(k[0], k[1]) for k in changed}
+        resident = [(g, b, p) for p, ctx in self.contexts.items() for g, b in buckets
+                    if (g, b) in ctx.pstate.by_bucket]
+        memory: dict[Key, list[Any]] = {}
+        for key in changed:
+            held = []
+            for p, ctx in self.contexts.items():
+                st = own.get((key, p))
+                if st is None:
+                    live = ctx.pstate.states.get(key)
+                    st = live.copy() if live is not None else None
+                if st is not None:
+                    held.append(st)
+            if held:
+                memory[key] = held
+        return memory, resident
 
     def _update_gauges(self, now: float) -> None:
         m = self.metrics

@@ -77,14 +77,17 @@ class WorkerShell:
                                     key_serializer="raw", allow_empty=True)
         self.dlq = self.app.topic(config.dlq, value_type=bytes, value_serializer="raw", key_serializer="raw")
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-agg-fold")
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-agg-flush")
         self.flush_lock = asyncio.Lock()
         self.last_flush = time.monotonic()
+        self.flush_task: asyncio.Future[bool] | None = None
         self.failures = 0
         self.stopping = False
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
         self.app.task(self._flush_loop)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
+        self.app.on_rebalance_complete.connect(self._on_rebalance_complete)
         self.app.on_before_shutdown.connect(self._on_shutdown)
 
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -96,7 +99,28 @@ class WorkerShell:
     # ----------------------------------------------------------------- rebalance
 
     async def _on_assigned(self, sender: Any, assigned: set[TP], **_: Any) -> None:
-        parts = self._ours(assigned)
+        await self._assign(self._ours(assigned))
+
+    async def _on_rebalance_complete(self, sender: Any, **_: Any) -> None:
+        """Make Kafka's committed offsets equal PostgreSQL's before Faust seeks to them.
+
+        Faust seeks every assigned partition to its committed offset right after this
+        signal. PostgreSQL is the source of truth: it is never behind what we acked, but
+        it can be behind Kafka after a database restore or a fresh database on an old
+        consumer group; committing its offsets here makes Faust re-read exactly what is
+        missing. (Uses the transport-level commit: Faust's public one only commits acks.)
+        """
+        parts = self._ours(self.app.consumer.assignment())
+        await self._assign(parts)
+        self.processor.topic_partitions = self.app.consumer.topic_partitions(self.config.topic)
+        offsets = {TP(self.config.topic, p): ctx.next_offset for p, ctx in self.processor.contexts.items()
+                   if p in parts}
+        if offsets:
+            await self.app.consumer._commit(offsets)
+            log.info("positioned partitions at PostgreSQL offsets %s",
+                     {tp.partition: o for tp, o in sorted(offsets.items())})
+
+    async def _assign(self, parts: set[int]) -> None:
         delay = 1.0
         while True:
             try:
@@ -121,8 +145,9 @@ class WorkerShell:
         self.stopping = True
         ok = await self._flush(reason="shutdown")
         log.info("final flush on shutdown: %s", "ok" if ok else "FAILED (will be re-read from Kafka)")
-        await self._run(self.store.close)
+        await asyncio.get_running_loop().run_in_executor(self.writer, self.store.close)
         self.executor.shutdown(wait=False)
+        self.writer.shutdown(wait=False)
 
     # ----------------------------------------------------------------- consuming
 
@@ -142,8 +167,8 @@ class WorkerShell:
                 self._ack([m.ref for m in msgs if m.partition not in self.processor.contexts])
             if self.processor.pending_events >= self.config.max_pending_events:
                 await self._flush_until_ok()
-            elif time.monotonic() - self.last_flush >= self.config.flush_interval:
-                await self._flush(reason="interval")
+            elif time.monotonic() - self.last_flush >= self._next_delay():
+                self._flush_soon("interval")
 
     async def _process(self, msgs: list[Message]) -> Outcome:
         """Process a batch; if stored state cannot be loaded, wait and retry (consumption pauses).
@@ -189,12 +214,18 @@ class WorkerShell:
             if self.stopping or time.monotonic() - self.last_flush < self._next_delay():
                 continue
             if await self._run(self.processor.has_work, time.time()):
-                await self._flush(reason="timer")
+                self._flush_soon("timer")
 
     def _next_delay(self) -> float:
         if self.failures:
             return min(self.config.flush_interval * (2 ** self.failures), MAX_BACKOFF)
         return self.config.flush_interval
+
+    def _flush_soon(self, reason: str) -> None:
+        """Start a flush in the background unless one is running (folding does not wait for it)."""
+        if self.flush_task is None or self.flush_task.done():
+            self.last_flush = time.monotonic()
+            self.flush_task = asyncio.ensure_future(self._flush(reason=reason))
 
     async def _flush_until_ok(self) -> None:
         """Backpressure: too much is pending, so stop consuming until a flush succeeds."""
@@ -212,16 +243,25 @@ class WorkerShell:
             self.last_flush = time.monotonic()
             try:
                 await self.app.producer.flush()  # DLQ records durable before their messages are acked
-                _report, refs = await self._run(self.processor.flush)
+                snap = await self._run(self.processor.snapshot)
+                loop = asyncio.get_running_loop()
+                try:
+                    # PostgreSQL work on its own thread: folding goes on meanwhile.
+                    await loop.run_in_executor(self.writer, self.processor.write, snap)
+                except BaseException:
+                    await self._run(self.processor.rollback, snap)
+                    raise
+                refs = await self._run(self.processor.commit, snap)
             except PoisonedError as exc:
                 log.error("%s", exc)
                 await self.app.crash(exc)
                 return False
             except FencedError as exc:
-                log.error("flush fenced (%s): another worker owns these partitions now; dropping them", exc)
-                await self._run(self.processor.revoke, set(self.processor.contexts))
-                await self._run(self.processor.assign, self._ours(self.app.consumer.assignment()))
+                # Another worker moved a partition past us: our in-memory view is stale. Stop;
+                # a restart rejoins the group and resumes from what PostgreSQL holds.
+                log.error("flush fenced: %s; stopping this worker", exc)
                 self.metrics.flush_failures.inc()
+                await self.app.crash(exc)
                 return False
             except Exception as exc:  # noqa: BLE001 - keep state, retry with backoff
                 self.failures += 1

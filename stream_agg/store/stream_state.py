@@ -58,10 +58,20 @@ class PartitionFlush:
 
 @dataclass
 class FlushPayload:
+    """One flush. `memory` / `resident` let the merge skip what this worker already holds.
+
+    `resident` lists the (granularity, bucket, partition) whose every stored partial is
+    in this worker's memory; for those, `memory[key]` has the states and PostgreSQL is
+    not asked again. With one worker owning every partition, the merge reads nothing back.
+    """
+
     stream: str
     partitions: list[PartitionFlush]
     traces: list[tuple[Any, ...]] = field(default_factory=list)
     spans: list[tuple[Any, ...]] = field(default_factory=list)
+    memory: dict[Key, list[AggState]] = field(default_factory=dict)
+    resident: list[tuple[str, int, int]] = field(default_factory=list)
+    complete: set[tuple[str, int]] = field(default_factory=set)  # buckets resident in every partition
 
     @property
     def changed_keys(self) -> set[Key]:
@@ -183,7 +193,8 @@ class StreamStore:
                 partials = self._write_partials(cur, payload)
                 self._advance_offsets(cur, payload)
                 traces, spans = self._archive(cur, payload)
-                rows, deleted = self._merge_rows(cur, payload.stream, payload.changed_keys)
+                rows, deleted = self._merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
+                                                 payload.resident, payload.complete)
             return FlushReport(partials, rows, deleted, traces, spans)
         except psycopg.Error:
             self._reset()
@@ -272,30 +283,50 @@ class StreamStore:
             spans = cur.rowcount
         return traces, spans
 
-    def _merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key]) -> tuple[int, int]:
-        """Recompute metrics_aggregates rows of `keys` from every partition's partial."""
+    def _merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key],
+                    memory: dict[Key, list[AggState]] | None = None,
+                    resident: list[tuple[str, int, int]] | None = None,
+                    complete: set[tuple[str, int]] | None = None) -> tuple[int, int]:
+        """Recompute metrics_aggregates rows of `keys` from every partition's partial.
+
+        Partials of (bucket, partition) pairs listed in `resident` come from `memory`;
+        all others are read from stream_partials under the bucket locks, except for
+        `complete` buckets, which this worker holds for every partition of the topic.
+        """
         if not keys:
             return 0, 0
         for lock in sorted({_lock_id(k[0], k[1]) for k in keys}):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
         ordered = sorted(keys)
         cols: list[list[Any]] = [[], [], [], [], []]
+        done = complete or set()
         for g, b, m, d, v in ordered:
+            if (g, b) in done:
+                continue
             cols[0].append(g)
             cols[1].append(_ts(b))
             cols[2].append(m)
             cols[3].append(d)
             cols[4].append(v)
-        cur.execute(
-            "SELECT p.granularity, p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value, "
-            "p.count, p.sum_value, p.min_value, p.max_value, p.digest, p.applied_offset "
-            "FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[]) "
-            "AS k(g, t, m, d, v) JOIN stream_partials p ON p.stream = %s AND p.granularity = k.g "
-            "AND p.bucket_time = k.t AND p.metric_name = k.m AND p.dimension_type = k.d "
-            "AND p.dimension_value = k.v",
-            (*cols, stream))
+        res = resident or []
+        if cols[0]:
+            cur.execute(
+                "SELECT p.granularity, p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value, "
+                "p.count, p.sum_value, p.min_value, p.max_value, p.digest, p.applied_offset "
+                "FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[]) "
+                "AS k(g, t, m, d, v) JOIN stream_partials p ON p.stream = %s AND p.granularity = k.g "
+                "AND p.bucket_time = k.t AND p.metric_name = k.m AND p.dimension_type = k.d "
+                "AND p.dimension_value = k.v "
+                "WHERE NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::timestamptz[], %s::int[]) AS r(g, t, p) "
+                "WHERE r.g = p.granularity AND r.t = p.bucket_time AND r.p = p.partition)",
+                (*cols, stream, [r[0] for r in res], [_ts(r[1]) for r in res], [r[2] for r in res]))
         partials: dict[Key, list[AggState]] = defaultdict(list)
-        for g, t, m, d, v, c, s, lo, hi, dig, applied in cur:
+        if memory:
+            for key in ordered:
+                held = memory.get(key)
+                if held:
+                    partials[key].extend(held)
+        for g, t, m, d, v, c, s, lo, hi, dig, applied in (cur if cols[0] else ()):
             partials[(g, int(t.timestamp()), m, d, v)].append(_state(c, s, lo, hi, dig, applied))
         rows = [MergedRow(k, _merge(states)) for k, states in partials.items()]
         gone = [k for k in ordered if k not in partials]
