@@ -95,7 +95,7 @@ def test_cap_keeps_totals_exact_and_picks_the_reference_values() -> None:
     reg = default_registry({"user": 10, "kb": 3})
     ps = _fold(events, reg, chunks=5)
     _assert_matches(ps.states, reference_values(events, reg))
-    for (g, b, m, d, v), s in ps.states.items():
+    for (g, b, m, d, _v), s in ps.states.items():
         if d == "all" and m.startswith("trace."):
             parts = [t for k, t in ps.states.items() if k[:3] == (g, b, m) and k[3] == "user"]
             assert sum(t.count for t in parts) == s.count

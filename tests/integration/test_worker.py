@@ -1,0 +1,153 @@
+"""The streaming worker against a real broker and a real PostgreSQL: correct, exactly-once, robust."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import psycopg
+import pytest
+from worker_support import (
+    WorkerProcess,
+    assert_rows_match_events,
+    assert_same_rows,
+    decode_all,
+    durable_offsets,
+    end_offsets,
+    fetch_rows,
+    produce,
+    stream_of,
+    wait_caught_up,
+)
+
+from stream_agg.config import Config
+from stream_agg.core.registry import default_registry
+from stream_agg.events import TraceEvent, encode_event
+from stream_agg.synthetic import generate_events
+
+START = datetime(2026, 2, 2, tzinfo=UTC)  # a Monday
+
+
+@pytest.fixture
+def cfg(config: Config) -> Config:
+    """A consumer group of its own per test, so no test waits on another's members."""
+    return config.with_overrides(group_id=f"g-{config.topic}")
+
+
+def _event(i: int, t: datetime, duration: float, **kw) -> TraceEvent:
+    body = {"schema_version": 1, "trace_id": f"hand-{i}", "operation_type": kw.pop("op", "chat"),
+            "started_at": t.isoformat(), "duration_ms": duration, "status": kw.pop("status", "ok"), **kw}
+    return msgspec.convert(body, TraceEvent)
+
+
+def test_end_to_end_synthetic_and_hand_made(cfg: Config, tmp_path: Path) -> None:
+    synthetic = generate_events(4000, seed=3, start=START, hours=30, users=300)
+    h = START + timedelta(hours=40)
+    hand = [
+        _event(0, h + timedelta(minutes=1), 10.0, user_id="ann", kb_id="kb1", total_tokens=100,
+               spans=[{"span_id": "a", "kind": "llm", "model": "m1", "duration_ms": 5.0,
+                       "input_tokens": 7, "output_tokens": 3}]),
+        _event(1, h + timedelta(minutes=2), 20.0, user_id="ann", status="error"),
+        _event(2, h + timedelta(minutes=3), 30.0, user_id="bob", total_tokens=50),
+        _event(3, (h + timedelta(minutes=4)).astimezone(UTC), 40.0, op="search"),
+        _event(4, h + timedelta(minutes=59, seconds=59.999999), 1000.0, user_id="bob", kb_id="kb1",
+               spans=[{"span_id": "b", "kind": "llm", "model": "m1", "duration_ms": 15.0},
+                      {"span_id": "c", "kind": "retrieval", "duration_ms": 99.0}]),
+    ]
+    produce(cfg, synthetic)
+    produce(cfg, hand, batching=False)
+    worker = WorkerProcess(cfg, tmp_path / "worker.log").start()
+    try:
+        wait_caught_up(cfg, timeout=120, workers=[worker])
+        started = time.monotonic()
+        assert worker.terminate(timeout=10) == 0
+        assert time.monotonic() - started < 10
+    finally:
+        worker.kill()
+    rows = fetch_rows(cfg.database_url)
+    events = decode_all([encode_event(e) for e in synthetic]) + hand
+    assert_rows_match_events(rows, events, default_registry(cfg.cardinality_caps))
+    # the hand-made hour, checked by hand
+    hb = int(h.timestamp())
+    c, s, lo, hi, avg, p50, p95, p99, src = rows[("hour", hb, "trace.duration_ms", "all", "all")]
+    assert (c, s, lo, hi, avg, p50, src) == (5, 1100.0, 10.0, 1000.0, 220.0, 30.0, "stream")
+    assert p95 == pytest.approx(np.percentile([10, 20, 30, 40, 1000], 95))
+    assert rows[("hour", hb, "trace.errors", "all", "all")][:2] == (5, 1.0)
+    assert rows[("hour", hb, "trace.total_tokens", "user", "ann")][:2] == (1, 100.0)
+    assert rows[("hour", hb, "llm.duration_ms", "model", "m1")][:4] == (2, 20.0, 5.0, 15.0)
+    assert ("hour", hb, "trace.duration_ms", "user", None) not in rows
+    with psycopg.connect(cfg.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM traces").fetchone()[0] == len(events)
+        assert conn.execute("SELECT count(*) FROM spans WHERE trace_id LIKE 'hand-%%'").fetchone()[0] == 3
+
+
+def _reset_db(url: str, admin_url: str) -> str:
+    name = url.rsplit("/", 1)[1] + "_b"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.execute(f'CREATE DATABASE "{name}"')
+    return url.rsplit("/", 1)[0] + "/" + name
+
+
+def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: str, tmp_path: Path) -> None:
+    payloads = generate_events(120_000, seed=11, start=START, hours=20, users=500)
+    produce(cfg, payloads, batch=200)
+    total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
+    other_db = _reset_db(cfg.database_url, pg_server_url)
+    clean = cfg.with_overrides(database_url=other_db, group_id=cfg.group_id + "-clean")
+    try:
+        uninterrupted = WorkerProcess(clean, tmp_path / "clean.log").start()
+        crashing = WorkerProcess(cfg, tmp_path / "crash.log").start()
+        kills = 0
+        for fraction in (0.15, 0.45, 0.8):
+            deadline = time.monotonic() + 120
+            while sum(durable_offsets(cfg.database_url, stream_of(cfg)).values()) < fraction * total:
+                assert time.monotonic() < deadline, crashing.log_text()[-3000:]
+                assert crashing.alive(), crashing.log_text()[-3000:]
+                time.sleep(0.05)
+            time.sleep(np.random.default_rng(kills).uniform(0, 0.7))  # land anywhere, mid-flush too
+            crashing.kill()
+            kills += 1
+            crashing = WorkerProcess(cfg, tmp_path / "crash.log").start()
+        wait_caught_up(cfg, timeout=240, workers=[crashing])
+        wait_caught_up(clean, timeout=240, workers=[uninterrupted])
+        assert crashing.terminate() == 0
+        assert uninterrupted.terminate() == 0
+    finally:
+        for w in (locals().get("crashing"), locals().get("uninterrupted")):
+            if w is not None:
+                w.kill()
+    assert kills == 3
+    crashed_rows = fetch_rows(cfg.database_url)
+    clean_rows = fetch_rows(other_db)
+    assert_same_rows(crashed_rows, clean_rows)
+    events = decode_all([encode_event(e) for e in payloads])
+    assert_rows_match_events(crashed_rows, events, default_registry(cfg.cardinality_caps))
+    with psycopg.connect(cfg.database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM traces").fetchone()[0] == len(events)
+
+
+def test_two_workers_one_stopped_mid_stream(cfg: Config, tmp_path: Path) -> None:
+    first = generate_events(30_000, seed=21, start=START, hours=6, users=200)
+    second = generate_events(30_000, seed=22, start=START + timedelta(hours=6), hours=6, users=200)
+    produce(cfg, first, batch=100)
+    a = WorkerProcess(cfg, tmp_path / "a.log").start()
+    b = WorkerProcess(cfg, tmp_path / "b.log").start()
+    try:
+        deadline = time.monotonic() + 90
+        while "flushed partitions" not in b.log_text():  # b owns partitions and has written
+
+            assert time.monotonic() < deadline, a.log_text()[-2000:] + b.log_text()[-2000:]
+            time.sleep(0.2)
+        b.kill()  # stopped mid-stream, without a goodbye
+        produce(cfg, second, batch=100)
+        wait_caught_up(cfg, timeout=180, workers=[a])
+        assert a.terminate() == 0
+    finally:
+        a.kill()
+        b.kill()
+    events = decode_all([encode_event(e) for e in first + second])
+    assert_rows_match_events(fetch_rows(cfg.database_url), events, default_registry(cfg.cardinality_caps))

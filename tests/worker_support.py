@@ -1,0 +1,203 @@
+"""Running real `stream-agg worker` processes in tests and checking what they wrote."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from helpers import rank_error, reference_values
+from kafka import KafkaConsumer, TopicPartition
+
+from stream_agg.config import Config
+from stream_agg.core.registry import Registry
+from stream_agg.events import TraceEvent, encode_event
+from stream_agg.producer import TraceProducer
+
+FAST = {
+    "STREAM_AGG_SESSION_TIMEOUT": "6s",
+    "STREAM_AGG_HEARTBEAT_INTERVAL": "1s",
+    "STREAM_AGG_REBALANCE_TIMEOUT": "3s",
+    "STREAM_AGG_FLUSH_INTERVAL": "1s",
+    "STREAM_AGG_METRICS_PORT": "0",
+    "STREAM_AGG_LOG_LEVEL": "INFO",
+}
+
+
+def worker_env(config: Config, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_AGG_")}
+    env.update(FAST)
+    env.update({
+        "STREAM_AGG_KAFKA_BOOTSTRAP": config.kafka_bootstrap,
+        "STREAM_AGG_DATABASE_URL": config.database_url,
+        "STREAM_AGG_TOPIC": config.topic,
+        "STREAM_AGG_GROUP_ID": config.group_id,
+    })
+    env.update(overrides)
+    return env
+
+
+class WorkerProcess:
+    """One `stream-agg worker` subprocess; always stopped by the test that started it."""
+
+    def __init__(self, config: Config, log: Path, **env: str) -> None:
+        self.env = worker_env(config, **env)
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        out = open(self.log, "ab")  # noqa: SIM115 - closed when the process is reaped
+        self.proc = subprocess.Popen([sys.executable, "-m", "stream_agg", "worker"], env=self.env,
+                                     stdout=out, stderr=subprocess.STDOUT)
+        out.close()
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM; returns the exit code (the worker must exit within `timeout`)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.alive():
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def produce(config: Config, events: Iterable[Any], *, batching: bool = True, batch: int = 500) -> int:
+    with TraceProducer(config.kafka_bootstrap, config.topic, batching=batching, batch_max_events=batch) as p:
+        n = p.send_many(events)
+        p.flush()
+    return n
+
+
+def produce_raw(config: Config, payloads: Iterable[bytes | None]) -> int:
+    with TraceProducer(config.kafka_bootstrap, config.topic) as p:
+        n = 0
+        for value in payloads:
+            p.send_raw(value)
+            n += 1
+        p.flush()
+    return n
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    try:
+        parts = c.partitions_for_topic(topic) or set()
+        ends = c.end_offsets([TopicPartition(topic, p) for p in parts])
+        return {tp.partition: int(o) for tp, o in ends.items()}
+    finally:
+        c.close()
+
+
+def durable_offsets(database_url: str, stream: str) -> dict[int, int]:
+    try:
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute("SELECT partition, next_offset FROM stream_offsets WHERE stream = %s",
+                                (stream,)).fetchall()
+    except psycopg.Error:
+        return {}
+    return {int(p): int(o) for p, o in rows}
+
+
+def stream_of(config: Config) -> str:
+    return f"{config.group_id}:{config.topic}"
+
+
+def wait_caught_up(config: Config, timeout: float = 120.0, workers: Iterable[WorkerProcess] = ()) -> None:
+    """Until PostgreSQL holds the effect of every message now in the topic."""
+    ends = {p: o for p, o in end_offsets(config.kafka_bootstrap, config.topic).items() if o > 0}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = durable_offsets(config.database_url, stream_of(config))
+        if all(done.get(p, 0) >= o for p, o in ends.items()):
+            return
+        for w in workers:
+            if not w.alive():
+                pytest.fail(f"worker {w.pid} died:\n{w.log_text()[-3000:]}")
+        time.sleep(0.3)
+    logs = "\n".join(w.log_text()[-3000:] for w in workers)
+    pytest.fail(f"not caught up after {timeout}s: want {ends}, have "
+                f"{durable_offsets(config.database_url, stream_of(config))}\n{logs}")
+
+
+Row = tuple[int, float, float, float, float | None, float | None, float | None, float | None, str]
+
+
+def fetch_rows(database_url: str) -> dict[tuple, Row]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT granularity, extract(epoch FROM bucket_time)::bigint, metric_name, dimension_type, "
+            "dimension_value, count, sum_value, min_value, max_value, avg_value, p50_value, p95_value, "
+            "p99_value, source FROM metrics_aggregates").fetchall()
+    return {(g, int(b), m, d, v): (int(c), s, lo, hi, avg, p50, p95, p99, src)
+            for g, b, m, d, v, c, s, lo, hi, avg, p50, p95, p99, src in rows}
+
+
+def assert_rows_match_events(rows: dict[tuple, Row], events: list[TraceEvent], registry: Registry) -> None:
+    """Every row equals numpy over the same events; no row missing, none extra."""
+    ref = reference_values(events, registry)
+    assert set(rows) == set(ref), (sorted(set(ref) - set(rows))[:5], sorted(set(rows) - set(ref))[:5])
+    for key, values in ref.items():
+        x = np.asarray(values)
+        c, s, lo, hi, avg, p50, p95, p99, _ = rows[key]
+        assert c == x.size, key
+        assert s == pytest.approx(float(x.sum()), rel=1e-9, abs=1e-9), key
+        assert (lo, hi) == (float(x.min()), float(x.max())), key
+        assert avg == pytest.approx(float(x.mean()), rel=1e-9, abs=1e-12), key
+        if key[2].endswith("duration_ms"):
+            for q, est in ((0.5, p50), (0.95, p95), (0.99, p99)):
+                if x.size <= 1000:
+                    assert est == pytest.approx(float(np.percentile(x, q * 100)), rel=1e-9), key
+                else:
+                    assert rank_error(x, est, q) <= 0.001, key
+        else:
+            assert (p50, p95, p99) == (None, None, None), key
+
+
+def assert_same_rows(a: dict[tuple, Row], b: dict[tuple, Row]) -> None:
+    """Two runs wrote the same aggregates (exact, but float sums to 1e-9 and sketch quantiles)."""
+    assert set(a) == set(b)
+    for key in a:
+        ca, sa, la, ha, _, *qa, _ = a[key]
+        cb, sb, lb, hb, _, *qb, _ = b[key]
+        assert (ca, la, ha) == (cb, lb, hb), key
+        assert sa == pytest.approx(sb, rel=1e-9, abs=1e-9), key
+        for x, y in zip(qa, qb, strict=True):
+            assert (x is None) == (y is None), key
+            if x is not None and ca <= 1000:
+                assert x == pytest.approx(y, rel=1e-9), key
+
+
+def decode_all(payloads: list[bytes]) -> list[TraceEvent]:
+    from stream_agg.events import decode_message
+
+    out: list[TraceEvent] = []
+    for p in payloads:
+        out.extend(decode_message(p).events)
+    return out
+
+
+def as_bytes(event: TraceEvent | dict) -> bytes:
+    return encode_event(event)
