@@ -14,6 +14,7 @@ COMMANDS = (
     "produce",
     "worker",
     "backfill",
+    "verify",
 )
 
 

@@ -293,6 +293,6 @@ PRUNE_SQL = (
 STORED_ROWS_SQL = (
     "SELECT bucket_time, granularity, metric_name, dimension_type, dimension_value, count, sum_value, "
     "min_value, max_value, avg_value, p50_value, p95_value, p99_value, source FROM metrics_aggregates "
-    "WHERE granularity = %(gran)s AND metric_name = ANY(%(metrics)s) "
+    "WHERE granularity = ANY(%(grans)s) AND metric_name = ANY(%(metrics)s) "
     "AND bucket_time >= %(start)s AND bucket_time < %(end)s"
 )
