@@ -15,6 +15,7 @@ COMMANDS = (
     "worker",
     "backfill",
     "verify",
+    "replay",
 )
 
 

@@ -104,6 +104,16 @@ def select_registry(caps: dict[str, int], metrics: Sequence[str]) -> Registry:
         raise OpsError(str(exc.args[0])) from None
 
 
+def parse_duration(text: str, what: str) -> float:
+    """'1h', '90m', '2d' ... -> seconds (the same syntax as the STREAM_AGG_* durations)."""
+    from stream_agg.config import _parse_duration
+
+    try:
+        return _parse_duration(text)
+    except ValueError as exc:
+        raise OpsError(f"{what}: {exc}") from None
+
+
 def check_range(start: datetime, end: datetime, max_range: float, yes: bool) -> None:
     """Refuse an empty / reversed range, and a longer one than `max_range` without --yes."""
     if end <= start:
