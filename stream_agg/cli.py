@@ -16,6 +16,7 @@ COMMANDS = (
     "backfill",
     "verify",
     "replay",
+    "reconcile",
 )
 
 
