@@ -278,7 +278,16 @@ def make_consumer(bootstrap: str, timeout: float = 10.0) -> Any:
         options["bootstrap_timeout_ms"] = ms
     else:
         options["api_version_auto_timeout_ms"] = ms
+    from stream_agg.producer import describe_error
+
+    # kafka-python logs every refused connection at ERROR while it retries; the caller
+    # reports the outcome in one line instead.
+    client_log = logging.getLogger("kafka")
+    level = client_log.level
+    client_log.setLevel(logging.CRITICAL)
     try:
         return KafkaConsumer(**options)
     except (KafkaError, OSError) as exc:
-        raise OpsError(f"cannot reach Kafka at {bootstrap}: {type(exc).__name__}: {exc}") from None
+        raise OpsError(f"cannot reach Kafka at {bootstrap}: {describe_error(exc)}") from None
+    finally:
+        client_log.setLevel(level)
