@@ -91,10 +91,27 @@ def reference_values(events: list[TraceEvent], registry: Registry) -> dict[tuple
 
 
 def rank_error(values: np.ndarray, estimate: float, q: float) -> float:
-    """How far (in rank, 0..1) an estimate of the q-quantile is from the true position."""
-    s = np.sort(values)
-    lo = np.searchsorted(s, estimate, side="left") / s.size
-    hi = np.searchsorted(s, estimate, side="right") / s.size
+    """How far (in rank, 0..1) an estimate of the q-quantile is from q.
+
+    Ranks are read the way PERCENTILE_CONT writes them: the i-th smallest of n values
+    sits at rank i / (n - 1) and ranks in between are linear, so the exact answer has
+    error 0 (a plain count-based rank would charge even the exact answer up to 1/n).
+    A run of equal values spans a range of ranks; any rank in it counts as exact.
+    """
+    s = np.sort(np.asarray(values, dtype=float))
+    n = s.size
+    if n == 1:
+        return 0.0
+    ranks = np.arange(n) / (n - 1)
+    first = np.searchsorted(s, estimate, side="left")
+    last = np.searchsorted(s, estimate, side="right") - 1
+    if first <= last:  # the estimate equals data points: ranks[first]..ranks[last]
+        lo, hi = ranks[first], ranks[last]
+    elif first == 0 or first == n:
+        lo = hi = 0.0 if first == 0 else 1.0
+    else:  # strictly between s[first-1] and s[first]
+        frac = (estimate - s[first - 1]) / (s[first] - s[first - 1])
+        lo = hi = ranks[first - 1] + frac * (ranks[first] - ranks[first - 1])
     if lo <= q <= hi:
         return 0.0
-    return min(abs(lo - q), abs(hi - q))
+    return float(min(abs(lo - q), abs(hi - q)))

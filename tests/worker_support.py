@@ -80,6 +80,15 @@ class WorkerProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if not self.alive():
+                pytest.fail(f"worker {self.pid} exited:\n{self.log_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"worker {self.pid} never logged {text!r}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.1)
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 

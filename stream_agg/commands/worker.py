@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import click
@@ -28,6 +29,8 @@ def command(bootstrap: str | None, database_url: str | None, topic: str | None, 
     unreachable), creates missing topics, migrates the schema, serves /metrics, then
     runs until SIGTERM / Ctrl-C, flushing before it exits.
     """
+    # Until Faust installs its own handlers, SIGTERM means "nothing consumed yet, exit cleanly".
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     from stream_agg.kafka.admin import BrokerUnavailable, ensure_topics
     from stream_agg.store.db import describe_db_error
     from stream_agg.store.schema import migrate

@@ -15,7 +15,11 @@ import numpy as np
 import numpy.typing as npt
 from fastdigest import TDigest, merge_all
 
-MAX_CENTROIDS = 1000
+# 2,000 centroids: exact (= PERCENTILE_CONT) up to 2,000 values per key, and, measured on the
+# synthetic workload folded the way the worker does (4 partitions, 200-1,000-event batches,
+# day/week by merging), worst rank error 0.05% above that, against 0.105% at 1,000
+# centroids, which missed the 0.1% target. Cost: up to ~32 KB per stored digest.
+MAX_CENTROIDS = 2000
 STATE_VERSION = 1
 DIGEST_VERSION = 1
 _HEADER = struct.Struct("<BqdddqB")  # version, count, sum, min, max, applied_offset, has_digest

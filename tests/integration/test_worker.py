@@ -111,7 +111,8 @@ def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: st
             time.sleep(np.random.default_rng(kills).uniform(0, 0.7))  # land anywhere, mid-flush too
             crashing.kill()
             kills += 1
-            crashing = WorkerProcess(cfg, tmp_path / "crash.log").start()
+            crashing = WorkerProcess(cfg, tmp_path / f"crash{kills}.log").start()
+        crashing.wait_for_log("positioned partitions")
         wait_caught_up(cfg, timeout=240, workers=[crashing])
         wait_caught_up(clean, timeout=240, workers=[uninterrupted])
         assert crashing.terminate() == 0

@@ -28,7 +28,7 @@ def _data(kind: str, n: int, seed: int) -> np.ndarray:
 
 
 @pytest.mark.parametrize("kind", ["lognormal", "bimodal"])
-@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1000, 2000])
 def test_small_states_equal_percentile_cont(kind: str, n: int) -> None:
     x = _data(kind, n, n)
     s = AggState.from_values(x, with_digest=True)
