@@ -247,6 +247,7 @@ class BackfillPlan:
     prune: bool = False
     dry_run: bool = False
     jobs: int = 2
+    digests: bool = True  # False leaves `digest` NULL (how bench/backfill.py measures what digests cost)
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
@@ -261,11 +262,11 @@ class BackfillPlan:
 
 
 def make_plan(registry: Registry, granularities: Sequence[str], start: datetime, end: datetime,
-              prune: bool = False, dry_run: bool = False, jobs: int = 2) -> BackfillPlan:
+              prune: bool = False, dry_run: bool = False, jobs: int = 2, digests: bool = True) -> BackfillPlan:
     """A plan over [start, end) widened to whole buckets of the coarsest granularity."""
     grans = tuple(g for g in GRANULARITIES if g in granularities)
     lo, hi = widen(start, end, coarsest(grans))
-    return BackfillPlan(registry, grans, lo, hi, prune, dry_run, max(1, jobs))
+    return BackfillPlan(registry, grans, lo, hi, prune, dry_run, max(1, jobs), digests)
 
 
 @dataclass
@@ -331,7 +332,7 @@ def backfill_chunk(conn: psycopg.Connection, plan: BackfillPlan, a: int, b: int)
             cur.execute(setting)
         cur.execute(q.CREATE_TMP_SQL)
         cur.execute(f"TRUNCATE {q.TMP_TABLE}")
-        for st in q.aggregate_statements(plan.registry, plan.granularities, with_values=True):
+        for st in q.aggregate_statements(plan.registry, plan.granularities, with_values=plan.digests):
             cur.execute(q.split_insert_sql(st), params)
             digest_rows = cur.fetchall()
             if digest_rows:

@@ -4,20 +4,25 @@ Why generated: the metrics, their SQL expressions, null rules, dimensions and ca
 declared once in `stream_agg.core.registry`; writing the backfill SQL by hand a second
 time would let the exact path and the stream drift apart silently.
 
-Shape: for one level (`traces` or llm `spans`), one granularity and one dimension,
-a single statement scans the chunk's raw rows once, groups by (bucket, dimension value)
-and computes every metric of that level carrying the dimension side by side as columns
-(count / sum / min / max / avg, plus for digest metrics `percentile_cont` over an array
-of fractions, which sorts each group once for all three quantiles), then unpivots the
-few aggregated rows into one row per metric. A capped dimension needs the cap rule per
-metric (a value only takes a slot where the metric is not null), so it gets one
-statement per metric: rank the bucket's distinct values by (`CAP_HASH_SQL`, value in
-byte order), keep rank <= K, fold the rest into `__other__` *before* aggregating, so
-`__other__`'s percentiles are exact over its raw values.
+Shape, per level (`traces`, or `spans` of kind llm) and dimension:
+- an uncapped dimension gets one statement for all its metrics and all requested
+  granularities: one scan of the chunk's raw rows, one sort, and the granularities as a
+  rollup of grouping sets (week > day > hour are nested buckets, so one sort order serves
+  all of them); count / sum / min / max per metric side by side, `percentile_cont` over
+  an array of fractions for digest metrics (one sort of each group for p50, p95 and p99),
+  then the few aggregated rows are unpivoted into one row per metric. A null metric value
+  skips only that metric; a null dimension value skips the row.
+- a capped dimension gets one statement per metric, because a value takes a slot only
+  where the metric is not null: per bucket of each granularity, rank the distinct values
+  by (`CAP_HASH_SQL`, value in byte order), keep rank <= K and fold the others into
+  `__other__` *before* aggregating, so `__other__`'s percentiles are exact over its raw
+  values. The raw rows are read once (a materialized CTE) for all granularities.
 
-Every statement returns the same columns (`RESULT_COLUMNS`); `vals` is the group's raw
-values as `array_send` bytes (decode with `decode_values`) when asked for, else NULL.
-Parameters: `%(start)s`, `%(end)s` (timestamptz, half-open) on the raw rows' `started_at`.
+Every statement returns `RESULT_COLUMNS`; avg is sum / count (bit for bit PostgreSQL's
+avg(float8)); `vals` is the group's raw values as `array_send` bytes (decode with
+`decode_values`) when asked for, else NULL. Parameters: `%(start)s`, `%(end)s`
+(timestamptz, half-open) on the raw rows' `started_at`. Dimension values are compared in
+the "C" collation: byte order is the cap's tie rule, and it sorts several times faster.
 """
 
 from __future__ import annotations
