@@ -31,7 +31,7 @@ from stream_agg.store.stream_state import FencedError, StreamStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_BACKOFF = 30.0
+MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
 
 
 def stream_id(config: Config) -> str:
