@@ -297,10 +297,46 @@ class _Groups:
                 self.labels[g % self.ncodes])
 
 
+@dataclass
+class _Agg:
+    """count / sum / min / max / top offset per group (a row is a group of one)."""
+
+    count: I64
+    total: F64
+    lo: F64
+    hi: F64
+    top: I64
+
+    @classmethod
+    def of_rows(cls, vals: F64, offs: I64) -> _Agg:
+        return cls(np.ones(vals.size, dtype=np.int64), vals, vals, vals, offs)
+
+
+def _reduce(gid: I64, agg: _Agg) -> tuple[I64, _Agg]:
+    """Combine groups sharing a gid: returns the distinct gids (sorted) and their aggregates."""
+    size = int(gid.max()) + 1
+    counts = np.bincount(gid, weights=agg.count, minlength=size)
+    present = np.flatnonzero(counts)
+    sums = np.bincount(gid, weights=agg.total, minlength=size)
+    mins = np.full(size, math.inf)
+    np.minimum.at(mins, gid, agg.lo)
+    maxs = np.full(size, -math.inf)
+    np.maximum.at(maxs, gid, agg.hi)
+    top = np.full(size, -1, dtype=np.int64)
+    np.maximum.at(top, gid, agg.top)
+    return present, _Agg(counts[present].astype(np.int64), sums[present], mins[present], maxs[present],
+                         top[present])
+
+
 def _fold_metric_dim(
     pstate: PartitionState, lc: LevelColumns, metric: Metric, dim: str, may_dedup: bool,
     result: FoldResult,
 ) -> None:
+    """Fold one metric sliced by one dimension, at every granularity.
+
+    Rows are grouped once by (hour, value); day and week aggregates and digests are
+    roll-ups of those hour groups, so only one pass touches every row.
+    """
     vals = lc.values[metric.name]
     codes = lc.codes[dim]
     rows = (codes >= 0) & ~np.isnan(vals)
@@ -312,38 +348,74 @@ def _fold_metric_dim(
     offs = lc.offsets if every else lc.offsets[rows]
     starts_of = {g: (lc.starts(g) if every else lc.starts(g)[rows]) for g in GRANULARITIES}
     labels = lc.labels[dim] or [ALL]
+    if may_dedup:
+        _fold_rows_checked(pstate, metric, dim, labels, vals, codes, offs, starts_of, result)
+        return
+    nraw = len(labels)
+    hour_starts = starts_of["hour"]
+    hbase = int(hour_starts.min())
+    raw_gid = ((hour_starts - hbase) // HOUR) * nraw + codes
+    raw_ids, raw = _reduce(raw_gid, _Agg.of_rows(vals, offs))
+    raw_digests: dict[int, Any] | None = None
+    if metric.digest:
+        raw_digests = _digests_by_group(_Groups("hour", hbase, nraw, labels, raw_gid, vals, offs))
+    raw_hours = hbase + (raw_ids // nraw) * HOUR
+    raw_codes = raw_ids % nraw
     cap = pstate.registry.cap(dim)
-    raw_hour: tuple[int, int, dict[int, Any]] | None = None  # (hour base, ncodes, digest by raw gid)
-    if metric.digest and not may_dedup:
-        hour_starts = starts_of["hour"]
-        hbase = int(hour_starts.min())
-        raw = _Groups("hour", hbase, len(labels), labels, ((hour_starts - hbase) // HOUR) * len(labels) + codes,
-                      vals, offs)
-        raw_hour = (hbase, len(labels), _digests_by_group(raw))
+    for g in GRANULARITIES:
+        starts = raw_hours if g == "hour" else bucket_starts(raw_hours.astype(np.float64), g)
+        base = int(starts.min())
+        bidx = (starts - base) // SPAN[g]
+        if cap is not None:
+            remap = _cap_remap(pstate, g, base, bidx, raw_codes, labels, metric.name, dim, cap, result)
+            glabels, gcodes = [*labels, OTHER], remap[bidx, raw_codes]
+        else:
+            glabels, gcodes = labels, raw_codes
+        ncodes = len(glabels)
+        gid = bidx * ncodes + gcodes
+        if g == "hour" and cap is None:
+            ids, agg, digests = gid, raw, raw_digests  # the hour groups themselves
+        else:
+            ids, agg = _reduce(gid, raw)
+            digests = None if raw_digests is None else _roll_up(raw_ids, gid, raw_digests, own=g == "hour")
+        _apply(pstate, g, base, ncodes, glabels, metric, dim, ids, agg, digests, result)
+
+
+def _fold_rows_checked(
+    pstate: PartitionState, metric: Metric, dim: str, labels: list[str], vals: F64, codes: I64, offs: I64,
+    starts_of: dict[str, I64], result: FoldResult,
+) -> None:
+    """The re-delivery path: rows already applied to their key are dropped per granularity."""
+    cap = pstate.registry.cap(dim)
     for g in GRANULARITIES:
         starts = starts_of[g]
         base = int(starts.min())
         bidx = (starts - base) // SPAN[g]
         if cap is not None:
             remap = _cap_remap(pstate, g, base, bidx, codes, labels, metric.name, dim, cap, result)
-            glabels = [*labels, OTHER]
-            ncodes = len(glabels)
-            gcodes = remap[bidx, codes]
+            glabels, gcodes = [*labels, OTHER], remap[bidx, codes]
         else:
-            remap, glabels, ncodes, gcodes = None, labels, len(labels), codes
-        grp = _Groups(g, base, ncodes, glabels, bidx * ncodes + gcodes, vals, offs)
-        filtered = False
-        if may_dedup:
-            grp, filtered = _drop_applied(pstate, grp, metric.name, dim, result)
-            if grp.gid.size == 0:
-                continue
-        digests: dict[int, Any] | None = None
-        if metric.digest:
-            if raw_hour is None or filtered:
-                digests = _digests_by_group(grp)
-            else:
-                digests = _roll_up_digests(grp, raw_hour, remap)
-        _apply_groups(pstate, grp, metric, dim, digests, result)
+            glabels, gcodes = labels, codes
+        grp = _Groups(g, base, len(glabels), glabels, bidx * len(glabels) + gcodes, vals, offs)
+        grp, _ = _drop_applied(pstate, grp, metric.name, dim, result)
+        if grp.gid.size == 0:
+            continue
+        ids, agg = _reduce(grp.gid, _Agg.of_rows(grp.vals, grp.offs))
+        digests = _digests_by_group(grp) if metric.digest else None
+        _apply(pstate, g, base, grp.ncodes, glabels, metric, dim, ids, agg, digests, result)
+
+
+def _roll_up(raw_ids: I64, targets: I64, raw_digests: dict[int, Any], own: bool) -> dict[int, Any]:
+    """Digest per target group as the merge of its raw (hour, value) digests.
+
+    Only hour-level states may take a raw digest as their own; coarser ones get a copy
+    or a merge, so no two states ever share a digest object.
+    """
+    children: dict[int, list[Any]] = {}
+    for r, t in zip(raw_ids.tolist(), targets.tolist(), strict=True):
+        children.setdefault(t, []).append(raw_digests[r])
+    return {t: (ds[0] if own else ds[0].copy()) if len(ds) == 1 else merge_digests(ds)
+            for t, ds in children.items()}
 
 
 def _cap_remap(
@@ -436,53 +508,19 @@ def _digests_by_group(grp: _Groups) -> dict[int, Any]:
     return out
 
 
-def _roll_up_digests(grp: _Groups, raw: tuple[int, int, dict[int, Any]], remap: I64 | None) -> dict[int, Any]:
-    """Digests of `grp` as merges of the batch's raw (hour, value) digests: no second pass over values.
-
-    Only hour-level states may take a raw digest as their own; coarser ones get a copy
-    or a merge, so no two states ever share a digest object.
-    """
-    hbase, ncodes_raw, digests = raw
-    if grp.granularity == "hour" and remap is None:
-        return digests
-    raw_gids = np.fromiter(digests, dtype=np.int64, count=len(digests))
-    hour_starts = hbase + (raw_gids // ncodes_raw) * HOUR
-    bidx = (bucket_starts(hour_starts.astype(np.float64), grp.granularity) - grp.base) // SPAN[grp.granularity]
-    codes = raw_gids % ncodes_raw
-    gids = bidx * grp.ncodes + (remap[bidx, codes] if remap is not None else codes)
-    children: dict[int, list[Any]] = {}
-    for g, d in zip(gids.tolist(), digests.values(), strict=True):
-        children.setdefault(g, []).append(d)
-    own = grp.granularity == "hour"
-    return {g: (ds[0] if own else ds[0].copy()) if len(ds) == 1 else merge_digests(ds)
-            for g, ds in children.items()}
-
-
-def _apply_groups(
-    pstate: PartitionState, grp: _Groups, metric: Metric, dim: str, digests: dict[int, Any] | None,
-    result: FoldResult,
+def _apply(
+    pstate: PartitionState, gran: str, base: int, ncode: int, labels: list[str], metric: Metric, dim: str,
+    ids: I64, agg: _Agg, digests: dict[int, Any] | None, result: FoldResult,
 ) -> None:
     """Merge each group's aggregate into its state (a new key takes the group's digest as is)."""
-    size = int(grp.gid.max()) + 1
-    counts = np.bincount(grp.gid, minlength=size)
-    sums = np.bincount(grp.gid, weights=grp.vals, minlength=size)
-    mins = np.full(size, math.inf)
-    np.minimum.at(mins, grp.gid, grp.vals)
-    maxs = np.full(size, -math.inf)
-    np.maximum.at(maxs, grp.gid, grp.vals)
-    top = np.full(size, -1, dtype=np.int64)
-    np.maximum.at(top, grp.gid, grp.offs)
-    present = np.flatnonzero(counts)
-    span = SPAN[grp.granularity]
-    name, gran, ncode, labels, base = metric.name, grp.granularity, grp.ncodes, grp.labels, grp.base
+    span = SPAN[gran]
+    name = metric.name
     states = pstate.states
     changed = result.changed
     by_bucket = pstate.by_bucket
     with_digest = metric.digest
-    for g, c, s, lo, hi, off in zip(
-        present.tolist(), counts[present].tolist(), sums[present].tolist(),
-        mins[present].tolist(), maxs[present].tolist(), top[present].tolist(), strict=True,
-    ):
+    for g, c, s, lo, hi, off in zip(ids.tolist(), agg.count.tolist(), agg.total.tolist(), agg.lo.tolist(),
+                                    agg.hi.tolist(), agg.top.tolist(), strict=True):
         bucket = base + (g // ncode) * span
         key: Key = (gran, bucket, name, dim, labels[g % ncode])
         state = states.get(key)
