@@ -137,18 +137,20 @@ def test_rollup_and_quantiles_equal_the_raw_events(aggregated):
         assert not any(k.startswith("p") for k in r)
         assert_window(r, want[(r["window_start"], "u1")], {})
 
+    check_formats_agree(url)
 
-def test_table_and_csv_carry_the_same_rows_as_json(aggregated):
-    cfg, _ = aggregated
+
+def check_formats_agree(url: str) -> None:
+    """table and csv carry the same rows as json (run on the same worker output as above)."""
     args = ["--metric", "trace.errors", "--dimension", "operation_type", "--start", START, "--end", END,
             "--rollup", "6h"]
-    recs = query_json(cfg.database_url, *args)
-    out = run_query(cfg.database_url, *args, "--format", "csv")
+    recs = query_json(url, *args)
+    out = run_query(url, *args, "--format", "csv")
     assert out.exit_code == 0
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     assert [(r["window_start"], r["dimension_value"], int(r["count"]), float(r["sum"])) for r in rows] == [
         (r["window_start"], r["dimension_value"], r["count"], r["sum"]) for r in recs]
-    table = run_query(cfg.database_url, *args)
+    table = run_query(url, *args)
     assert table.exit_code == 0
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["window_start", "value", "buckets", "count", "sum", "min", "avg", "max", "source"]
