@@ -366,11 +366,7 @@ def _fold_metric_dim(
         starts = raw_hours if g == "hour" else bucket_starts(raw_hours.astype(np.float64), g)
         base = int(starts.min())
         bidx = (starts - base) // SPAN[g]
-        if cap is not None:
-            remap = _cap_remap(pstate, g, base, bidx, raw_codes, labels, metric.name, dim, cap, result)
-            glabels, gcodes = [*labels, OTHER], remap[bidx, raw_codes]
-        else:
-            glabels, gcodes = labels, raw_codes
+        glabels, gcodes = _capped(pstate, g, base, bidx, raw_codes, labels, metric.name, dim, cap, result)
         ncodes = len(glabels)
         gid = bidx * ncodes + gcodes
         if g == "hour" and cap is None:
@@ -391,11 +387,7 @@ def _fold_rows_checked(
         starts = starts_of[g]
         base = int(starts.min())
         bidx = (starts - base) // SPAN[g]
-        if cap is not None:
-            remap = _cap_remap(pstate, g, base, bidx, codes, labels, metric.name, dim, cap, result)
-            glabels, gcodes = [*labels, OTHER], remap[bidx, codes]
-        else:
-            glabels, gcodes = labels, codes
+        glabels, gcodes = _capped(pstate, g, base, bidx, codes, labels, metric.name, dim, cap, result)
         grp = _Groups(g, base, len(glabels), glabels, bidx * len(glabels) + gcodes, vals, offs)
         grp, _ = _drop_applied(pstate, grp, metric.name, dim, result)
         if grp.gid.size == 0:
@@ -416,6 +408,17 @@ def _roll_up(raw_ids: I64, targets: I64, raw_digests: dict[int, Any], own: bool)
         children.setdefault(t, []).append(raw_digests[r])
     return {t: (ds[0] if own else ds[0].copy()) if len(ds) == 1 else merge_digests(ds)
             for t, ds in children.items()}
+
+
+def _capped(
+    pstate: PartitionState, g: str, base: int, bidx: I64, codes: I64, labels: list[str], metric: str,
+    dim: str, cap: int | None, result: FoldResult,
+) -> tuple[list[str], I64]:
+    """(labels, codes) after the cardinality cap; values not kept get the extra __other__ code."""
+    if cap is None:
+        return labels, codes
+    remap = _cap_remap(pstate, g, base, bidx, codes, labels, metric, dim, cap, result)
+    return [*labels, OTHER], remap[bidx, codes]
 
 
 def _cap_remap(
