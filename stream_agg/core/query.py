@@ -160,26 +160,32 @@ def answer(rows: Sequence[StoredRow], granularity: str, quantiles: Sequence[floa
 
 def _merge_window(value: str, start: int, end: int, members: list[StoredRow],
                   qs: tuple[float, ...]) -> ResultRow:
-    count = sum(r.count for r in members)
-    total = math.fsum(r.sum for r in members)
-    mins = [r.min for r in members if r.min is not None]
-    maxs = [r.max for r in members if r.max is not None]
-    missing = sum(1 for r in members if r.digest is None and r.count > 0)
+    if len(members) == 1:  # the common dashboard case: no arithmetic to do
+        one = members[0]
+        count, total, lo, hi, sources = one.count, one.sum, one.min, one.max, one.source
+    else:
+        count = sum(r.count for r in members)
+        total = math.fsum(r.sum for r in members)
+        mins = [r.min for r in members if r.min is not None]
+        maxs = [r.max for r in members if r.max is not None]
+        lo, hi = (min(mins) if mins else None), (max(maxs) if maxs else None)
+        sources = "+".join(sorted({r.source for r in members}))
+    without = sum(1 for r in members if r.digest is None and r.count > 0)
+    missing = 0  # rows without a digest, counted only when an answer needed their digest
     digest = None
     quantiles: list[float | None] = []
     for q in qs:
         if len(members) == 1 and q in STORED_QUANTILES and _stored_column(members[0], q) is not None:
             quantiles.append(_stored_column(members[0], q))
             continue
-        if missing or count == 0:
+        if without or count == 0:
+            missing = without
             quantiles.append(None)
             continue
         if digest is None:
             digest = merge_digests([digest_from_bytes(r.digest) for r in members if r.digest is not None])
         quantiles.append(float(digest.quantile(q)))
-    sources = "+".join(sorted({r.source for r in members}))
-    return ResultRow(start, end, value, len(members), count, total, min(mins) if mins else None,
-                     max(maxs) if maxs else None, tuple(quantiles), sources, missing)
+    return ResultRow(start, end, value, len(members), count, total, lo, hi, tuple(quantiles), sources, missing)
 
 
 def needs_digests(granularity: str, quantiles: Sequence[float], rollup: int | None) -> bool:
