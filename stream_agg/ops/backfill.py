@@ -190,7 +190,7 @@ def compute_chunk(cur: psycopg.Cursor, registry: Registry, granularities: Sequen
     params = {"start": to_datetime(start), "end": to_datetime(end)}
     rows: list[ExactRow] = []
     for st in q.aggregate_statements(registry, tuple(granularities), with_values=with_values):
-        cur.execute(st.sql, params)
+        cur.execute(st.sql, params, binary=True)  # raw values as bytea, not hex text
         for (g, t, metric, dim, value, c, s, lo, hi, avg, p50, p95, p99, vals) in cur.fetchall():
             values = np.sort(q.decode_values(vals)) if vals is not None else None
             rows.append(ExactRow((g, int(t.timestamp()), metric, dim, value), int(c), float(s),
@@ -305,15 +305,15 @@ class BackfillSummary:
         rows = self.rows
         per = ", ".join(f"{g} {rows[g]:,}" for g in p.granularities)
         verb = "would write" if p.dry_run else "wrote"
-        text = (f"backfill {iso(p.start)} .. {iso(p.end)}: {self.total('buckets_written'):,} of "
-                f"{p.total_buckets:,} buckets have data; {verb} rows: {per} "
+        text = (f"backfill {iso(p.start)} .. {iso(p.end)}: {verb} {self.total('buckets_written'):,} of "
+                f"{p.total_buckets:,} buckets (the others have no raw data); {verb} rows: {per} "
                 f"(total {sum(rows.values()):,}")
         if not p.dry_run:
             text += (f"; unchanged {self.total('unchanged'):,}, removed {self.total('removed'):,}"
                      + (f", pruned {self.total('pruned'):,}" if p.prune else ""))
         raw = self.total("raw_rows")
         rate = raw / self.seconds if self.seconds > 0 else 0.0
-        return text + f"); {raw:,} raw rows in {self.seconds:.2f} s ({rate:,.0f} rows/s)"
+        return text + f"); {raw:,} raw rows in {self.seconds:.2f} s ({rate:,.0f} raw rows/s)"
 
 
 def backfill_chunk(conn: psycopg.Connection, plan: BackfillPlan, a: int, b: int) -> ChunkResult:
@@ -333,7 +333,7 @@ def backfill_chunk(conn: psycopg.Connection, plan: BackfillPlan, a: int, b: int)
         cur.execute(q.CREATE_TMP_SQL)
         cur.execute(f"TRUNCATE {q.TMP_TABLE}")
         for st in q.aggregate_statements(plan.registry, plan.granularities, with_values=plan.digests):
-            cur.execute(q.split_insert_sql(st), params)
+            cur.execute(q.split_insert_sql(st), params, binary=True)  # bytea raw, not hex
             digest_rows = cur.fetchall()
             if digest_rows:
                 with cur.copy(q.COPY_TMP_SQL) as copy:
