@@ -17,6 +17,8 @@ COMMANDS = (
     "verify",
     "replay",
     "reconcile",
+    "query",
+    "demo",
 )
 
 
