@@ -93,7 +93,7 @@ def _reset_db(url: str, admin_url: str) -> str:
 
 
 def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: str, tmp_path: Path) -> None:
-    payloads = generate_events(120_000, seed=11, start=START, hours=20, users=500)
+    payloads = generate_events(100_000, seed=11, start=START, hours=20, users=500)
     produce(cfg, payloads, batch=200)
     total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
     other_db = _reset_db(cfg.database_url, pg_server_url)
@@ -132,8 +132,8 @@ def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: st
 
 
 def test_two_workers_one_stopped_mid_stream(cfg: Config, tmp_path: Path) -> None:
-    first = generate_events(30_000, seed=21, start=START, hours=6, users=200)
-    second = generate_events(30_000, seed=22, start=START + timedelta(hours=6), hours=6, users=200)
+    first = generate_events(15_000, seed=21, start=START, hours=6, users=200)
+    second = generate_events(15_000, seed=22, start=START + timedelta(hours=6), hours=6, users=200)
     produce(cfg, first, batch=100)
     a = WorkerProcess(cfg, tmp_path / "a.log").start()
     b = WorkerProcess(cfg, tmp_path / "b.log").start()
