@@ -111,11 +111,26 @@ def produce_raw(config: Config, payloads: Iterable[bytes | None]) -> int:
 
 
 def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
-    c = KafkaConsumer(bootstrap_servers=bootstrap)
+    """Next offset after the last message of each partition, found by reading the topic.
+
+    Not `KafkaConsumer.end_offsets`: the embedded Tansu broker (0.6.0) answers it with the
+    last record batch's base offset + 1, which undercounts whenever a batch holds several
+    messages (Apache Kafka answers correctly).
+    """
+    c = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
     try:
-        parts = c.partitions_for_topic(topic) or set()
-        ends = c.end_offsets([TopicPartition(topic, p) for p in parts])
-        return {tp.partition: int(o) for tp, o in ends.items()}
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or set())]
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        ends = {tp.partition: 0 for tp in tps}
+        idle_since = time.monotonic()
+        while time.monotonic() - idle_since < 1.5:
+            polled = c.poll(timeout_ms=300, max_records=5000)
+            for tp, msgs in polled.items():
+                ends[tp.partition] = max(ends[tp.partition], msgs[-1].offset + 1)
+            if polled:
+                idle_since = time.monotonic()
+        return ends
     finally:
         c.close()
 
