@@ -19,7 +19,7 @@ partition so the result does not depend on fetch boundaries). Late events produc
 Writing, in one transaction under the stream's bucket locks: the stream's partials of
 the replayed buckets (selected metrics) are replaced by the replay's per-partition
 partials, then every affected row is re-merged through the worker's own merge / upsert
-(`StreamStore._merge_rows`): source 'stream', never over a 'backfill' row, and rows
+(`StreamStore.merge_rows`): source 'stream', never over a 'backfill' row, and rows
 whose key no longer has partials are deleted. Running it again gives the same rows.
 
 Replay is for closed buckets: a worker that still owns an open bucket keeps its state in
@@ -46,7 +46,7 @@ from stream_agg.events import TraceEvent, decode_message
 from stream_agg.ops.backfill import OpsError, coarsest, iso, widen
 from stream_agg.store import backfill_sql as q
 from stream_agg.store.db import connect
-from stream_agg.store.stream_state import FlushPayload, PartitionFlush, StreamStore, _lock_id
+from stream_agg.store.stream_state import FlushPayload, PartitionFlush, StreamStore, bucket_lock_id
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def write_replay(conn: psycopg.Connection, url: str, stream: str, plan: ReplayPl
     grans = [g for g, _ in buckets]
     times = [to_datetime(b) for _, b in buckets]
     with conn.transaction(), conn.cursor() as cur:
-        for lock in sorted({_lock_id(g, b) for g, b in buckets}):
+        for lock in sorted({bucket_lock_id(g, b) for g, b in buckets}):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
         cur.execute(q.DELETE_STREAM_PARTIALS_SQL, {"stream": stream, "grans": grans, "times": times,
                                                    "metrics": metrics})
@@ -234,9 +234,9 @@ def write_replay(conn: psycopg.Connection, url: str, stream: str, plan: ReplayPl
         keys |= {(g, int(t.timestamp()), m, d, v) for g, t, m, d, v in cur.fetchall()}
         store = StreamStore(url)  # its flush helpers, run on our cursor and transaction
         payload = FlushPayload(stream, [PartitionFlush(p, 0, None, None, ups, []) for p, ups in chosen.items()])
-        partials = store._write_partials(cur, payload) if chosen else 0
+        partials = store.write_partials(cur, payload) if chosen else 0
         keys |= payload.changed_keys
-        rows, deleted = store._merge_rows(cur, stream, keys)
+        rows, deleted = store.merge_rows(cur, stream, keys)
     return partials, rows, deleted
 
 

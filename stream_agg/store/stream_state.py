@@ -109,7 +109,7 @@ def _ts(epoch: int) -> datetime:
     return datetime.fromtimestamp(epoch, tz=UTC)
 
 
-def _lock_id(granularity: str, bucket: int) -> int:
+def bucket_lock_id(granularity: str, bucket: int) -> int:
     """Advisory-lock id of a bucket (all metrics of one bucket share a lock)."""
     return zlib.crc32(f"stream-agg:{granularity}:{bucket}".encode())
 
@@ -190,10 +190,10 @@ class StreamStore:
         try:
             conn = self.conn()
             with conn.transaction(), conn.cursor() as cur:
-                partials = self._write_partials(cur, payload)
+                partials = self.write_partials(cur, payload)
                 self._advance_offsets(cur, payload)
                 traces, spans = self._archive(cur, payload)
-                rows, deleted = self._merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
+                rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
                                                  payload.resident, payload.complete)
             return FlushReport(partials, rows, deleted, traces, spans)
         except psycopg.Error:
@@ -203,7 +203,7 @@ class StreamStore:
             self._reset()
             raise
 
-    def _write_partials(self, cur: psycopg.Cursor, payload: FlushPayload) -> int:
+    def write_partials(self, cur: psycopg.Cursor, payload: FlushPayload) -> int:
         cur.execute(
             "CREATE TEMP TABLE IF NOT EXISTS tmp_partials (LIKE stream_partials INCLUDING DEFAULTS) "
             "ON COMMIT DELETE ROWS")
@@ -283,7 +283,7 @@ class StreamStore:
             spans = cur.rowcount
         return traces, spans
 
-    def _merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key],
+    def merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key],
                     memory: dict[Key, list[AggState]] | None = None,
                     resident: list[tuple[str, int, int]] | None = None,
                     complete: set[tuple[str, int]] | None = None) -> tuple[int, int]:
@@ -295,7 +295,7 @@ class StreamStore:
         """
         if not keys:
             return 0, 0
-        for lock in sorted({_lock_id(k[0], k[1]) for k in keys}):
+        for lock in sorted({bucket_lock_id(k[0], k[1]) for k in keys}):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
         ordered = sorted(keys)
         cols: list[list[Any]] = [[], [], [], [], []]
