@@ -19,8 +19,11 @@ import click
 @click.option("--keep-data", is_flag=True,
               help="Keep the demo's database (created on a PostgreSQL it found) and, on a given broker, its "
                    "topics; prints the STREAM_AGG_DATABASE_URL to query them.")
+@click.option("--embedded-postgres", is_flag=True,
+              help="Start an embedded PostgreSQL even when one answers on 127.0.0.1:5432 (ignored with "
+                   "STREAM_AGG_DATABASE_URL).")
 def command(duration: float | None, rate: float, metrics_port: int | None, refresh: float | None,
-            keep_data: bool) -> None:
+            keep_data: bool, embedded_postgres: bool) -> None:
     """Run broker, PostgreSQL, a worker and a synthetic stream; show the current hour live.
 
     Uses STREAM_AGG_KAFKA_BOOTSTRAP / STREAM_AGG_DATABASE_URL when set; otherwise starts
@@ -32,5 +35,5 @@ def command(duration: float | None, rate: float, metrics_port: int | None, refre
     from stream_agg.ops.demo import Demo, DemoOptions
 
     options = DemoOptions(duration=duration, rate=rate, metrics_port=metrics_port, refresh=refresh,
-                          keep_data=keep_data, tty=sys.stdout.isatty())
+                          keep_data=keep_data, embedded_postgres=embedded_postgres, tty=sys.stdout.isatty())
     sys.exit(Demo(options).run())

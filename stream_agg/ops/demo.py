@@ -20,6 +20,7 @@ order. Nothing it started is left running.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -68,6 +69,7 @@ WORKER_READY_TIMEOUT = 90.0
 FIRST_FLUSH_TIMEOUT = 60.0
 DRAIN_TIMEOUT = 15.0
 WORKER_STOP_TIMEOUT = 15.0
+CLOSE_TIMEOUT = 5.0
 
 # The current hour, per operation type and per model: what the live view reads.
 VIEW_SLICES: tuple[tuple[str, str], ...] = (
@@ -99,6 +101,7 @@ class DemoOptions:
     metrics_port: int | None = None  # None: 9108 when free, else any free port
     refresh: float | None = None  # None: 3 s live, 10 s for plain-text snapshots
     keep_data: bool = False
+    embedded_postgres: bool = False  # even when a PostgreSQL answers on 127.0.0.1:5432
     tty: bool = False
 
 
@@ -312,21 +315,28 @@ class DemoStream:
         from stream_agg.producer import TraceProducer
 
         try:
-            with TraceProducer(self.bootstrap, self.topic, linger_s=0.1) as producer:
-                last = time.time()
-                while not self.stop.wait(TICK_S):
-                    now = time.time()
-                    on_time, late, too_late, invalid = self.batch(now, now - last)
-                    last = now
-                    for events, attr in ((on_time, "on_time"), (late, "late"), (too_late, "too_late")):
-                        producer.send_many(events)
-                        setattr(self.counts, attr, getattr(self.counts, attr) + len(events))
-                    for payload in invalid:
-                        producer.send_raw(payload)
-                        self.counts.invalid += 1
-                producer.flush()
+            producer = TraceProducer(self.bootstrap, self.topic, linger_s=0.1)
         except BaseException as exc:  # noqa: BLE001 - reported by the demo's main loop
             self.error = exc
+            return
+        try:
+            last = time.time()
+            while not self.stop.wait(TICK_S):
+                now = time.time()
+                on_time, late, too_late, invalid = self.batch(now, now - last)
+                last = now
+                for events, attr in ((on_time, "on_time"), (late, "late"), (too_late, "too_late")):
+                    producer.send_many(events)
+                    setattr(self.counts, attr, getattr(self.counts, attr) + len(events))
+                for payload in invalid:
+                    producer.send_raw(payload)
+                    self.counts.invalid += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by the demo's main loop
+            self.error = exc
+        finally:
+            # Bounded: with the broker gone, what is unsent is lost anyway; do not hang the stop.
+            with contextlib.suppress(Exception):
+                producer.close(timeout=CLOSE_TIMEOUT)
 
 
 # ----------------------------------------------------------------------------- processes
@@ -410,8 +420,24 @@ def fetch_metrics(url: str, timeout: float = 1.0) -> WorkerStats | None:
 # ----------------------------------------------------------------------------- the demo
 
 
-class _Stop(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C."""
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM arrived: leave the current phase and shut down."""
+
+
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while services start; a Ctrl-C meanwhile is delivered after.
+
+    Children inherit the blocked mask, so the broker does not see the terminal's Ctrl-C
+    (sent to the whole foreground process group) and keeps running until the demo has
+    stopped the producer, drained the worker and stops it in order. (PostgreSQL unblocks
+    its signals itself; an embedded one still stops on Ctrl-C, which the shutdown handles.)
+    """
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class Reporter:
@@ -477,6 +503,7 @@ class Demo:
         self.metrics_url = ""
         self.started_stream_at = 0.0
         self._last_consumed: tuple[float, float] | None = None
+        self.stop_requested = threading.Event()
 
     @property
     def refresh(self) -> float:
@@ -486,13 +513,18 @@ class Demo:
 
     def run(self) -> int:
         """Start, watch, stop. Returns the exit code: 0 after --duration or Ctrl-C, 1 on a failure."""
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        # Signals set a flag that every wait checks: an exception raised at an arbitrary point
+        # (in the middle of drawing the live view) would leave half-written output behind.
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # kafka-python logs every reconnect at ERROR; the demo reports failures itself, in one line.
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            logging.getLogger("kafka").setLevel(logging.CRITICAL)
         code = 0
         try:
             self._start()
             self._wait_first_flush()
             self._watch()
-        except KeyboardInterrupt:
+        except _Stop:
             self.reporter.done()
             self.reporter.say("stopping (interrupted)...")
         except DemoError as exc:
@@ -501,16 +533,16 @@ class Demo:
             code = 1
         finally:
             # A second Ctrl-C must not cut the clean-up short: nothing may be left running.
-            ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+            # (The flag handler stays installed: further signals change nothing.)
             try:
                 self._shutdown()
             finally:
-                signal.signal(signal.SIGINT, ignored[signal.SIGINT])
-                signal.signal(signal.SIGTERM, previous)
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
         return code
 
-    def _on_sigterm(self, _signum: int, _frame: FrameType | None) -> None:
-        raise _Stop()
+    def _on_signal(self, _signum: int, _frame: FrameType | None) -> None:
+        self.stop_requested.set()
 
     def _start(self) -> None:
         from stream_agg.devstack import DevStack
@@ -519,10 +551,12 @@ class Demo:
 
         given_bootstrap = self.env.get("STREAM_AGG_KAFKA_BOOTSTRAP") or None
         given_db = self.env.get("STREAM_AGG_DATABASE_URL") or None
-        stack = DevStack(kafka_bootstrap=given_bootstrap, database_url=given_db, progress=self.reporter.progress)
+        stack = DevStack(kafka_bootstrap=given_bootstrap, database_url=given_db,
+                         embedded_postgres=self.options.embedded_postgres, progress=self.reporter.progress)
         self.res.stack = stack
         try:
-            stack.start()
+            with _sigint_blocked():
+                stack.start()
         except (RuntimeError, TimeoutError, OSError) as exc:
             raise DemoError(str(exc)) from None
         assert stack.kafka_bootstrap is not None and stack.database_url is not None
@@ -586,7 +620,7 @@ class Demo:
         self.reporter.spin(f"starting the worker (pid {worker.pid})...")
         deadline = time.monotonic() + WORKER_READY_TIMEOUT
         while True:
-            self._check_worker()
+            self._check()
             stats = fetch_metrics(self.metrics_url)
             if stats is not None and stats.assigned > 0:
                 break
@@ -604,7 +638,10 @@ class Demo:
         self.reporter.say("demo pids: " + " ".join(f"{k}={v}" for k, v in pids.items()))
         self.reporter.say(f"database: {redact_url(self.database_url)}  topic: {self.topic}  group: {self.group}")
 
-    def _check_worker(self) -> None:
+    def _check(self) -> None:
+        """Raise _Stop on Ctrl-C / SIGTERM, DemoError when something the demo runs has died."""
+        if self.stop_requested.is_set():
+            raise _Stop()
         worker, stream, stack = self.res.worker, self.res.stream, self.res.stack
         if worker is not None and not worker.alive():
             raise DemoError(f"the worker exited with code {worker.proc.returncode if worker.proc else '?'}; "
@@ -620,7 +657,7 @@ class Demo:
         self.reporter.spin("waiting for the first flush...")
         deadline = time.monotonic() + FIRST_FLUSH_TIMEOUT
         while True:
-            self._check_worker()
+            self._check()
             snap = self.snapshot()
             if snap.ops:
                 break
@@ -657,7 +694,7 @@ class Demo:
             if end is not None:
                 next_at = min(next_at, end)
             while time.monotonic() < next_at:
-                self._check_worker()
+                self._check()
                 time.sleep(0.2)
             if end is not None and time.monotonic() >= end:
                 return
@@ -693,8 +730,11 @@ class Demo:
         from kafka import KafkaConsumer, TopicPartition
 
         try:
-            consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, client_id="stream-agg-demo",
-                                     enable_auto_commit=False)
+            options: dict[str, Any] = {"bootstrap_servers": self.bootstrap, "client_id": "stream-agg-demo",
+                                       "enable_auto_commit": False, "request_timeout_ms": 5000}
+            if "bootstrap_timeout_ms" in KafkaConsumer.DEFAULT_CONFIG:  # kafka-python >= 3
+                options["bootstrap_timeout_ms"] = 5000
+            consumer = KafkaConsumer(**options)
             try:
                 parts = consumer.partitions_for_topic(self.topic) or set()
                 ends = consumer.end_offsets([TopicPartition(self.topic, p) for p in parts])
@@ -722,9 +762,14 @@ class Demo:
         res = self.res
         stream, worker = res.stream, res.worker
         if stream is not None:
+            self.reporter.spin("stopping the producer...")
             stream.join()
+        dead = res.stack.dead_services() if res.stack is not None else []
+        if dead:
+            self.reporter.say(f"{' and '.join(dead)} already stopped (a terminal's Ctrl-C reaches it too)")
         final: Snapshot | None = None
-        if worker is not None and worker.alive() and stream is not None:
+        drained = False
+        if worker is not None and worker.alive() and stream is not None and not dead:
             self.reporter.spin("letting the worker aggregate everything sent...")
             drained = self._drain()
             self.reporter.done()
@@ -734,16 +779,19 @@ class Demo:
                 self.reporter.say("note: the worker had not caught up with the topic; final numbers are partial")
         if worker is not None:
             self.reporter.spin(f"stopping the worker (pid {worker.pid})...")
-            code = worker.stop()
+            # Without its broker or database the worker cannot finish a clean shutdown: do not wait long.
+            code = worker.stop(CLOSE_TIMEOUT if dead else WORKER_STOP_TIMEOUT)
             self.reporter.done()
             self.reporter.say(f"worker (pid {worker.pid}) exited with code {code}")
+            if (code != 0 or (stream is not None and not drained)) and not dead:
+                self._keep_worker_log(worker)
         if final is not None:
             self.console.print(render(final, f"final · topic {self.topic}", self.metrics_url, self._elapsed()))
         if stream is not None:
             c = stream.counts
             self.reporter.say(f"sent {c.on_time + c.late + c.too_late:,} events ({c.on_time:,} on time, "
                               f"{c.late:,} late, {c.too_late:,} too late) and {c.invalid:,} invalid messages; "
-                              f"{c.valid:,} aggregated")
+                              f"{c.valid:,} {'aggregated' if drained else 'to aggregate'}")
         self._cleanup_data()
         if res.stack is not None:
             res.stack.stop()
@@ -751,6 +799,16 @@ class Demo:
         if res.workdir is not None:
             shutil.rmtree(res.workdir, ignore_errors=True)
         self.reporter.say("demo stopped; nothing left running")
+
+    def _keep_worker_log(self, worker: WorkerChild) -> None:
+        """Something went wrong in the worker: keep its log (the scratch directory goes) and show its end."""
+        kept = Path(tempfile.gettempdir()) / f"stream-agg-demo-{self.run_id}-worker.log"
+        with contextlib.suppress(OSError):
+            shutil.copyfile(worker.log_path, kept)
+        tail = [line for line in worker.log_tail(6000).splitlines() if "WARNING" in line or "ERROR" in line]
+        self.reporter.say(f"worker log kept at {kept}; its last warnings:")
+        for line in tail[-8:]:
+            self.reporter.say(f"  {line[:300]}")
 
     def _cleanup_data(self) -> None:
         res = self.res
