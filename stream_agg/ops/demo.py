@@ -277,7 +277,7 @@ class DemoStream:
         self.bootstrap = bootstrap
         self.topic = topic
         self.rate = rate
-        self.seed = secrets.randbelow(2**40) * 1000 if seed is None else seed
+        self.seed = secrets.randbelow(2**62) if seed is None else seed  # trace ids t-<seed+tick>-<i>
         self.counts = StreamCounts()
         self.error: BaseException | None = None
         self.stop = threading.Event()

@@ -134,3 +134,59 @@ def test_ctrl_c_stops_everything_and_removes_the_demo_database(tmp_path):
         assert created.group(1) not in names
     else:
         assert "postgres=" in out  # an embedded PostgreSQL, whose pid was checked above
+
+
+# ----------------------------------------------------------------------------- the parts, without services
+
+
+def test_stream_mix_is_exact_and_stamped_around_now():
+    from datetime import datetime
+
+    from stream_agg.ops.demo import DemoStream
+
+    stream = DemoStream("unused:9092", "unused", rate=500, seed=7)
+    now = 1_780_000_000.0
+    got: dict[str, list] = {"on_time": [], "late": [], "too_late": [], "invalid": []}
+    for tick in range(40):  # 10 s of 0.25 s ticks
+        for name, part in zip(got, stream.batch(now + tick * 0.25, 0.25), strict=True):
+            got[name].extend(part)
+    # Fractions carried between ticks: exactly rate x 10 s x fraction, however the ticks cut.
+    assert {k: len(v) for k, v in got.items()} == {"on_time": 5000, "late": 50, "too_late": 10, "invalid": 15}
+    age = {k: [now + 9.75 - datetime.fromisoformat(e["started_at"]).timestamp() for e in got[k]]
+           for k in ("on_time", "late", "too_late")}
+    assert all(-0.25 <= a <= 10.0 for a in age["on_time"])
+    assert all(2 * 3600 - 10 <= a <= 3 * 3600 for a in age["late"])
+    assert all(8 * 86400 <= a <= 8 * 86400 + 3600 for a in age["too_late"])
+    ids = [e["trace_id"] for k in ("on_time", "late", "too_late") for e in got[k]]
+    assert len(set(ids)) == len(ids)
+
+
+def test_invalid_messages_each_have_their_reason():
+    from stream_agg.ops.demo import invalid_reasons
+
+    assert invalid_reasons() == ["not_json", "missing_field:operation_type", "negative:duration_ms",
+                                 "not_finite:duration_ms"]
+
+
+def test_view_rows_per_operation_type_and_model():
+    from stream_agg.ops.demo import view_rows
+    from stream_agg.store.query_sql import BucketRow
+
+    rows = [
+        BucketRow("trace.duration_ms", "operation_type", "chat", 10, 1000.0, 100.0, 180.0, 199.0),
+        BucketRow("trace.errors", "operation_type", "chat", 10, 2.0, 0.2, None, None),
+        BucketRow("trace.total_tokens", "operation_type", "chat", 8, 4000.0, 500.0, None, None),
+        BucketRow("trace.duration_ms", "operation_type", "search", 30, 900.0, 30.0, 50.0, 60.0),
+        BucketRow("trace.duration_ms", "all", "all", 40, 1900.0, 47.5, 170.0, 198.0),
+        BucketRow("trace.errors", "all", "all", 40, 2.0, 0.05, None, None),
+        BucketRow("llm.duration_ms", "model", "m1", 5, 50.0, 10.0, 19.0, 20.0),
+        BucketRow("llm.input_tokens", "model", "m1", 5, 700.0, 140.0, None, None),
+        BucketRow("llm.output_tokens", "model", "m1", 4, 90.0, 22.5, None, None),
+    ]
+    ops, models = view_rows(rows)
+    assert [(r.name, r.count, r.error_rate, r.avg_ms, r.p95_ms, r.p99_ms, r.tokens) for r in ops] == [
+        ("search", 30, None, 30.0, 50.0, 60.0, None),
+        ("chat", 10, 0.2, 100.0, 180.0, 199.0, 4000.0),
+        ("all", 40, 0.05, 47.5, 170.0, 198.0, None),
+    ]
+    assert [(r.name, r.count, r.avg_ms, r.tokens, r.output_tokens) for r in models] == [("m1", 5, 10.0, 700.0, 90.0)]
