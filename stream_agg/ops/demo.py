@@ -467,7 +467,7 @@ class Reporter:
             self._status.update(message)
 
     def say(self, message: str) -> None:
-        self.console.print(message, highlight=False, soft_wrap=True)
+        self.console.print(message, highlight=False, markup=False, soft_wrap=True)  # log lines hold [...]
 
     def done(self) -> None:
         if self._status is not None:
@@ -489,6 +489,8 @@ class _Resources:
 
 
 class Demo:
+    """One demo run: start, watch, stop; `run()` returns the exit code."""
+
     def __init__(self, options: DemoOptions, console: Console | None = None,
                  env: dict[str, str] | None = None) -> None:
         self.options = options
