@@ -61,20 +61,13 @@ CREATE TABLE IF NOT EXISTS stream_partials (
 	stream TEXT NOT NULL, 
 	granularity TEXT NOT NULL, 
 	bucket_time TIMESTAMP WITH TIME ZONE NOT NULL, 
-	metric_name TEXT NOT NULL, 
-	dimension_type TEXT NOT NULL, 
-	dimension_value TEXT NOT NULL, 
 	partition INTEGER NOT NULL, 
-	count BIGINT NOT NULL, 
-	sum_value DOUBLE PRECISION NOT NULL, 
-	min_value DOUBLE PRECISION NOT NULL, 
-	max_value DOUBLE PRECISION NOT NULL, 
-	digest BYTEA, 
+	states BYTEA NOT NULL, 
+	keys INTEGER NOT NULL, 
 	applied_offset BIGINT NOT NULL, 
 	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
-	CONSTRAINT stream_partials_pkey PRIMARY KEY (stream, granularity, bucket_time, metric_name, dimension_type, dimension_value, partition)
-)
- WITH (fillfactor = 70);
+	CONSTRAINT stream_partials_pkey PRIMARY KEY (stream, granularity, bucket_time, partition)
+);
 
 CREATE TABLE IF NOT EXISTS traces (
 	trace_id TEXT NOT NULL, 

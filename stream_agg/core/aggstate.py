@@ -11,6 +11,7 @@ import math
 import struct
 from collections.abc import Iterable
 
+import msgspec
 import numpy as np
 import numpy.typing as npt
 from fastdigest import TDigest, merge_all
@@ -181,3 +182,27 @@ class AggState:
         return (f"AggState(count={self.count}, sum={self.sum}, min={self.min}, max={self.max}, "
                 f"digest={'yes' if self.digest is not None else 'no'}, "
                 f"applied_offset={self.applied_offset})")
+
+
+BUCKET_CODEC_VERSION = 1
+_BUCKET_ENCODER = msgspec.msgpack.Encoder()
+_BUCKET_DECODER = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str, str, bytes]]])
+
+
+def encode_bucket(states: Iterable[tuple[str, str, str, AggState]]) -> bytes:
+    """All states of one (partition, bucket) as one blob: [(metric, dimension, value, state)].
+
+    The stream persists a partition's bucket as a single row: one upsert per bucket and
+    flush instead of one per key and partition, which is what PostgreSQL spent its time on.
+    """
+    return _BUCKET_ENCODER.encode((BUCKET_CODEC_VERSION, [(m, d, v, s.to_bytes()) for m, d, v, s in states]))
+
+
+def decode_bucket(data: bytes) -> list[tuple[str, str, str, AggState]]:
+    try:
+        version, items = _BUCKET_DECODER.decode(data)
+    except msgspec.DecodeError as exc:
+        raise UnknownVersionError(f"not a stream-agg bucket blob: {exc}") from None
+    if version != BUCKET_CODEC_VERSION:
+        raise UnknownVersionError(f"bucket blob version {version} is not {BUCKET_CODEC_VERSION}")
+    return [(m, d, v, AggState.from_bytes(b)) for m, d, v, b in items]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from stream_agg.config import Config
-from stream_agg.core.aggstate import AggState
+from stream_agg.core.aggstate import encode_bucket
 from stream_agg.core.buckets import GRANULARITIES, SPAN
 from stream_agg.core.fold import BucketId, Columns, Key, PartitionState, event_times, fold, to_columns
 from stream_agg.core.registry import Registry
@@ -118,6 +118,9 @@ class Processor:
         self.config = config
         self.registry = registry
         self.store = store
+        # Reads run on the folding thread while a flush may be writing on the writer thread,
+        # and a psycopg connection is not for concurrent use: the reader has its own.
+        self.reader = StreamStore(store.url)
         self.metrics = metrics
         self.stream_id = stream_id
         self.clock = clock
@@ -136,7 +139,7 @@ class Processor:
         new = sorted(p for p in partitions if p not in self.contexts)
         if not new:
             return
-        stored = self.store.load_offsets(self.stream_id, new)
+        stored = self.reader.load_offsets(self.stream_id, new)
         for p in new:
             wm = Watermark(_policy(self.config))
             next_offset, base = 0, None
@@ -186,7 +189,7 @@ class Processor:
                 out.ack_now.extend(m.ref for m in msgs if m.offset < ctx.next_offset)
             if fresh:
                 prepared.append(self._prepare(ctx, fresh))
-        loaded = {id(prep): self.store.load_buckets(self.stream_id, prep.ctx.partition, prep.missing)
+        loaded = {id(prep): self.reader.load_buckets(self.stream_id, prep.ctx.partition, prep.missing)
                   for prep in prepared if prep.missing}
         try:
             for prep in prepared:
@@ -292,9 +295,13 @@ class Processor:
         for p, ctx in self.contexts.items():
             if not (ctx.dirty or ctx.changed or ctx.removed):
                 continue
-            upserts = [(k, ctx.pstate.states[k].copy()) for k in ctx.changed if k in ctx.pstate.states]
+            touched = sorted({(k[0], k[1]) for k in ctx.changed | ctx.removed})
+            blobs = []
+            for g, b in touched:
+                keys = ctx.pstate.by_bucket.get((g, b), set())
+                blobs.append((g, b, encode_bucket((k[2], k[3], k[4], ctx.pstate.states[k]) for k in keys), len(keys)))
             parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
-                                        ctx.base_offset, upserts, sorted(ctx.removed)))
+                                        ctx.base_offset, blobs, sorted(ctx.changed | ctx.removed)))
             changed_by[p] = (ctx.changed, ctx.removed)
             ctx.changed, ctx.removed, ctx.dirty = set(), set(), False
         payload = None
@@ -382,25 +389,15 @@ class Processor:
         read-back at all; otherwise the merge reads the other partitions' partials.
         """
         changed: set[Key] = set()
-        own: dict[tuple[Key, int], AggState] = {}
         for part in parts:
-            for k, st in part.upserts:
-                changed.add(k)
-                own[(k, part.partition)] = st
-            changed.update(part.removed)
+            changed.update(part.changed)
         buckets = {(k[0], k[1]) for k in changed}
         resident = [(g, b, p) for p, ctx in self.contexts.items() for g, b in buckets
                     if (g, b) in ctx.pstate.by_bucket]
         memory: dict[Key, list[Any]] = {}
         for key in changed:
-            held = []
-            for p, ctx in self.contexts.items():
-                st = own.get((key, p))
-                if st is None:
-                    live = ctx.pstate.states.get(key)
-                    st = live.copy() if live is not None else None
-                if st is not None:
-                    held.append(st)
+            held = [(p, live.copy()) for p, live in sorted((p, c.pstate.states.get(key))
+                                                           for p, c in self.contexts.items()) if live is not None]
             if held:
                 memory[key] = held
         return memory, resident

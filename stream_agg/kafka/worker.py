@@ -146,6 +146,7 @@ class WorkerShell:
         ok = await self._flush(reason="shutdown")
         log.info("final flush on shutdown: %s", "ok" if ok else "FAILED (will be re-read from Kafka)")
         await asyncio.get_running_loop().run_in_executor(self.writer, self.store.close)
+        await self._run(self.processor.reader.close)
         self.executor.shutdown(wait=False)
         self.writer.shutdown(wait=False)
 

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from stream_agg.core.aggstate import AggState
+from stream_agg.core.aggstate import AggState, encode_bucket
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.fold import Key, PartitionState, event_times, fold, to_columns
 from stream_agg.core.registry import Registry
@@ -46,7 +46,7 @@ from stream_agg.events import TraceEvent, decode_message
 from stream_agg.ops.backfill import OpsError, coarsest, iso, widen
 from stream_agg.store import backfill_sql as q
 from stream_agg.store.db import connect
-from stream_agg.store.stream_state import FlushPayload, PartitionFlush, StreamStore, bucket_lock_id
+from stream_agg.store.stream_state import StreamStore, bucket_lock_id, read_bucket_states
 
 log = logging.getLogger(__name__)
 
@@ -227,15 +227,29 @@ def write_replay(conn: psycopg.Connection, url: str, stream: str, plan: ReplayPl
     with conn.transaction(), conn.cursor() as cur:
         for lock in sorted({bucket_lock_id(g, b) for g, b in buckets}):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
-        cur.execute(q.DELETE_STREAM_PARTIALS_SQL, {"stream": stream, "grans": grans, "times": times,
-                                                   "metrics": metrics})
-        keys: set[Key] = {(g, int(t.timestamp()), m, d, v) for g, t, m, d, v in cur.fetchall()}
+        # Each (partition, bucket) blob keeps its other metrics' states and gets the replayed
+        # states of the selected metrics in place of the stored ones.
+        wanted = set(metrics)
+        existing = read_bucket_states(cur, stream, buckets)
+        keys: set[Key] = {k for k, _ in existing if k[2] in wanted}
+        blobs: dict[tuple[int, str, int], list[tuple[Key, AggState]]] = {}
+        for (k, p), state in existing.items():
+            entry = blobs.setdefault((p, k[0], k[1]), [])
+            if k[2] not in wanted:
+                entry.append((k, state))
+        for p, ups in chosen.items():
+            for k, state in ups:
+                blobs.setdefault((p, k[0], k[1]), []).append((k, state))
+                keys.add(k)
+        rows_out = []
+        for (p, g, b), items in sorted(blobs.items()):
+            applied = max((s.applied_offset for _, s in items), default=-1)
+            blob = encode_bucket((k[2], k[3], k[4], s) for k, s in items)
+            rows_out.append((g, b, p, blob, len(items), applied))
+        store = StreamStore(url)  # its flush helpers, run on our cursor and transaction
+        partials = store.write_partials(cur, stream, rows_out, fenced=False)
         cur.execute(q.STREAM_ROW_KEYS_SQL, {"grans": grans, "times": times, "metrics": metrics})
         keys |= {(g, int(t.timestamp()), m, d, v) for g, t, m, d, v in cur.fetchall()}
-        store = StreamStore(url)  # its flush helpers, run on our cursor and transaction
-        payload = FlushPayload(stream, [PartitionFlush(p, 0, None, None, ups, []) for p, ups in chosen.items()])
-        partials = store.write_partials(cur, payload) if chosen else 0
-        keys |= payload.changed_keys
         rows, deleted = store.merge_rows(cur, stream, keys)
     return partials, rows, deleted
 

@@ -304,15 +304,6 @@ STORED_ROWS_SQL = (
 
 # ----------------------------------------------------------------------------- replay
 
-# The stream's partials of the replayed buckets (selected metrics) go; their keys are returned
-# so that rows they fed are re-merged (and deleted when nothing feeds them any more).
-DELETE_STREAM_PARTIALS_SQL = (
-    "DELETE FROM stream_partials p USING unnest(%(grans)s::text[], %(times)s::timestamptz[]) AS b(g, t) "
-    "WHERE p.stream = %(stream)s AND p.granularity = b.g AND p.bucket_time = b.t "
-    "AND p.metric_name = ANY(%(metrics)s) "
-    "RETURNING p.granularity, p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value"
-)
-
 # Stream rows of the replayed buckets: re-merged too, so a row without partials is removed.
 STREAM_ROW_KEYS_SQL = (
     "SELECT a.granularity, a.bucket_time, a.metric_name, a.dimension_type, a.dimension_value "

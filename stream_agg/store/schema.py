@@ -102,29 +102,24 @@ spans = Table(
 )
 Index("spans_kind_started_at_idx", spans.c.kind, spans.c.started_at)
 
-# The stream's durable state: one partial AggState per source partition and key, and per
-# partition the next offset to read plus the event-time watermark, written in the same
-# transaction (see stream_agg/kafka/flush.py for why that gives an exactly-once effect).
+# The stream's durable state: per source partition and bucket, every AggState of that
+# bucket as one blob (core.aggstate.encode_bucket), and per partition the next offset to
+# read plus the event-time watermark, written in the same transaction (see
+# stream_agg/store/stream_state.py for why that gives an exactly-once effect). One row
+# per bucket rather than per key: a flush then writes hundreds of rows, not hundreds of
+# thousands.
 stream_partials = Table(
     "stream_partials",
     metadata,
     Column("stream", Text, nullable=False),
     Column("granularity", Text, nullable=False),
     Column("bucket_time", DateTime(timezone=True), nullable=False),
-    Column("metric_name", Text, nullable=False),
-    Column("dimension_type", Text, nullable=False),
-    Column("dimension_value", Text, nullable=False),
     Column("partition", Integer, nullable=False),
-    Column("count", BigInteger, nullable=False),
-    Column("sum_value", Double, nullable=False),
-    Column("min_value", Double, nullable=False),
-    Column("max_value", Double, nullable=False),
-    Column("digest", LargeBinary),
+    Column("states", LargeBinary, nullable=False),
+    Column("keys", Integer, nullable=False),
     Column("applied_offset", BigInteger, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
-    PrimaryKeyConstraint("stream", "granularity", "bucket_time", "metric_name", "dimension_type",
-                         "dimension_value", "partition", name="stream_partials_pkey"),
-    postgresql_with={"fillfactor": 70},
+    PrimaryKeyConstraint("stream", "granularity", "bucket_time", "partition", name="stream_partials_pkey"),
 )
 
 stream_offsets = Table(

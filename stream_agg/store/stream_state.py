@@ -30,7 +30,7 @@ from typing import Any
 
 import psycopg
 
-from stream_agg.core.aggstate import AggState, digest_to_bytes
+from stream_agg.core.aggstate import AggState, decode_bucket, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.fold import BucketId, Key
 from stream_agg.store.db import connect
@@ -46,14 +46,18 @@ class FencedError(RuntimeError):
 
 @dataclass
 class PartitionFlush:
-    """What one partition contributes to a flush (a snapshot taken in the event loop)."""
+    """What one partition contributes to a flush (a snapshot taken on the folding thread).
+
+    `buckets`: (granularity, bucket, blob of all its states) for every bucket that changed;
+    `changed`: the keys whose merged rows must be recomputed (new, updated or removed).
+    """
 
     partition: int
     next_offset: int
     max_event_time: float | None
     base_offset: int | None  # next_offset as loaded / last flushed (fencing)
-    upserts: list[tuple[Key, AggState]] = field(default_factory=list)
-    removed: list[Key] = field(default_factory=list)
+    buckets: list[tuple[str, int, bytes, int]] = field(default_factory=list)  # (g, bucket, blob, keys)
+    changed: list[Key] = field(default_factory=list)
 
 
 @dataclass
@@ -69,7 +73,7 @@ class FlushPayload:
     partitions: list[PartitionFlush]
     traces: list[tuple[Any, ...]] = field(default_factory=list)
     spans: list[tuple[Any, ...]] = field(default_factory=list)
-    memory: dict[Key, list[AggState]] = field(default_factory=dict)
+    memory: dict[Key, list[tuple[int, AggState]]] = field(default_factory=dict)  # key -> (partition, state)
     resident: list[tuple[str, int, int]] = field(default_factory=list)
     complete: set[tuple[str, int]] = field(default_factory=set)  # buckets resident in every partition
 
@@ -77,8 +81,7 @@ class FlushPayload:
     def changed_keys(self) -> set[Key]:
         keys: set[Key] = set()
         for p in self.partitions:
-            keys.update(k for k, _ in p.upserts)
-            keys.update(p.removed)
+            keys.update(p.changed)
         return keys
 
 
@@ -161,27 +164,15 @@ class StreamStore:
             raise
 
     def load_buckets(self, stream: str, partition: int, buckets: Sequence[BucketId]) -> dict[Key, AggState]:
-        """Every stored partial state of `partition` in the given buckets."""
+        """Every stored state of `partition` in the given buckets."""
         if not buckets:
             return {}
-        grans = [g for g, _ in buckets]
-        times = [_ts(b) for _, b in buckets]
-        out: dict[Key, AggState] = {}
         try:
             with self.conn().transaction(), self.conn().cursor() as cur:
-                cur.execute(
-                    f"SELECT {_KEY_COLS}, count, sum_value, min_value, max_value, digest, applied_offset "
-                    "FROM stream_partials p JOIN unnest(%s::text[], %s::timestamptz[]) AS b(g, t) "
-                    "ON p.granularity = b.g AND p.bucket_time = b.t "
-                    "WHERE p.stream = %s AND p.partition = %s",
-                    (grans, times, stream, partition))
-                for g, t, m, d, v, c, s, lo, hi, dig, applied in cur:
-                    key: Key = (g, int(t.timestamp()), m, d, v)
-                    out[key] = _state(c, s, lo, hi, dig, applied)
+                return read_buckets(cur, stream, buckets, partitions=[partition])
         except psycopg.Error:
             self._reset()
             raise
-        return out
 
     # ----------------------------------------------------------------- flush
 
@@ -190,7 +181,9 @@ class StreamStore:
         try:
             conn = self.conn()
             with conn.transaction(), conn.cursor() as cur:
-                partials = self.write_partials(cur, payload)
+                partials = self.write_partials(cur, payload.stream, [
+                    (g, b, part.partition, blob, n, part.next_offset - 1)
+                    for part in payload.partitions for g, b, blob, n in part.buckets])
                 self._advance_offsets(cur, payload)
                 traces, spans = self._archive(cur, payload)
                 rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
@@ -203,39 +196,24 @@ class StreamStore:
             self._reset()
             raise
 
-    def write_partials(self, cur: psycopg.Cursor, payload: FlushPayload) -> int:
-        cur.execute(
-            "CREATE TEMP TABLE IF NOT EXISTS tmp_partials (LIKE stream_partials INCLUDING DEFAULTS) "
-            "ON COMMIT DELETE ROWS")
-        n = 0
-        with cur.copy(
-            f"COPY tmp_partials (stream, {_KEY_COLS}, partition, count, sum_value, min_value, "
-            "max_value, digest, applied_offset) FROM STDIN"
-        ) as copy:
-            for part in payload.partitions:
-                for (g, b, m, d, v), s in part.upserts:
-                    copy.write_row((payload.stream, g, _ts(b), m, d, v, part.partition, s.count, s.sum,
-                                    s.min, s.max, None if s.digest is None else s.digest.to_bytes(),
-                                    s.applied_offset))
-                    n += 1
-        cur.execute(
-            f"INSERT INTO stream_partials AS p (stream, {_KEY_COLS}, partition, count, sum_value, "
-            "min_value, max_value, digest, applied_offset, updated_at) "
-            f"SELECT stream, {_KEY_COLS}, partition, count, sum_value, min_value, max_value, digest, "
-            "applied_offset, now() FROM tmp_partials "
-            f"ON CONFLICT (stream, {_KEY_COLS}, partition) DO UPDATE SET count = EXCLUDED.count, "
-            "sum_value = EXCLUDED.sum_value, min_value = EXCLUDED.min_value, "
-            "max_value = EXCLUDED.max_value, digest = EXCLUDED.digest, "
-            "applied_offset = EXCLUDED.applied_offset, updated_at = now() "
-            "WHERE p.applied_offset <= EXCLUDED.applied_offset")
-        removed = [(payload.stream, p.partition, *k[:1], _ts(k[1]), *k[2:])
-                   for p in payload.partitions for k in p.removed]
-        if removed:
-            cur.executemany(
-                "DELETE FROM stream_partials WHERE stream = %s AND partition = %s AND granularity = %s "
-                "AND bucket_time = %s AND metric_name = %s AND dimension_type = %s "
-                "AND dimension_value = %s", removed)
-        return n
+    def write_partials(self, cur: psycopg.Cursor, stream: str,
+                       blobs: Sequence[tuple[str, int, int, bytes, int, int]], fenced: bool = True) -> int:
+        """Upsert one blob per (granularity, bucket, partition, blob, keys, applied offset).
+
+        Fenced (the worker): never over a blob that has folded more. Unfenced (replay):
+        replaces, keeping the higher applied offset.
+        """
+        if not blobs:
+            return 0
+        guard = "WHERE p.applied_offset <= EXCLUDED.applied_offset" if fenced else ""
+        cur.executemany(
+            "INSERT INTO stream_partials AS p (stream, granularity, bucket_time, partition, states, keys, "
+            "applied_offset, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now()) "
+            "ON CONFLICT (stream, granularity, bucket_time, partition) DO UPDATE SET states = EXCLUDED.states, "
+            "keys = EXCLUDED.keys, applied_offset = GREATEST(p.applied_offset, EXCLUDED.applied_offset), "
+            f"updated_at = now() {guard}",
+            [(stream, g, _ts(b), part, blob, n, applied) for g, b, part, blob, n, applied in blobs])
+        return len(blobs)
 
     def _advance_offsets(self, cur: psycopg.Cursor, payload: FlushPayload) -> None:
         for part in payload.partitions:
@@ -284,7 +262,7 @@ class StreamStore:
         return traces, spans
 
     def merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key],
-                    memory: dict[Key, list[AggState]] | None = None,
+                    memory: dict[Key, list[tuple[int, AggState]]] | None = None,
                     resident: list[tuple[str, int, int]] | None = None,
                     complete: set[tuple[str, int]] | None = None) -> tuple[int, int]:
         """Recompute metrics_aggregates rows of `keys` from every partition's partial.
@@ -298,36 +276,22 @@ class StreamStore:
         for lock in sorted({bucket_lock_id(k[0], k[1]) for k in keys}):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
         ordered = sorted(keys)
-        cols: list[list[Any]] = [[], [], [], [], []]
         done = complete or set()
-        for g, b, m, d, v in ordered:
-            if (g, b) in done:
-                continue
-            cols[0].append(g)
-            cols[1].append(_ts(b))
-            cols[2].append(m)
-            cols[3].append(d)
-            cols[4].append(v)
-        res = resident or []
-        if cols[0]:
-            cur.execute(
-                "SELECT p.granularity, p.bucket_time, p.metric_name, p.dimension_type, p.dimension_value, "
-                "p.count, p.sum_value, p.min_value, p.max_value, p.digest, p.applied_offset "
-                "FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::text[]) "
-                "AS k(g, t, m, d, v) JOIN stream_partials p ON p.stream = %s AND p.granularity = k.g "
-                "AND p.bucket_time = k.t AND p.metric_name = k.m AND p.dimension_type = k.d "
-                "AND p.dimension_value = k.v "
-                "WHERE NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::timestamptz[], %s::int[]) AS r(g, t, p) "
-                "WHERE r.g = p.granularity AND r.t = p.bucket_time AND r.p = p.partition)",
-                (*cols, stream, [r[0] for r in res], [_ts(r[1]) for r in res], [r[2] for r in res]))
-        partials: dict[Key, list[AggState]] = defaultdict(list)
+        held = {(g, b, p) for g, b, p in (resident or [])}
+        wanted = sorted({(k[0], k[1]) for k in ordered if (k[0], k[1]) not in done})
+        found: dict[Key, list[tuple[int, AggState]]] = defaultdict(list)
         if memory:
             for key in ordered:
-                held = memory.get(key)
-                if held:
-                    partials[key].extend(held)
-        for g, t, m, d, v, c, s, lo, hi, dig, applied in (cur if cols[0] else ()):
-            partials[(g, int(t.timestamp()), m, d, v)].append(_state(c, s, lo, hi, dig, applied))
+                mine = memory.get(key)
+                if mine:
+                    found[key].extend(mine)
+        if wanted:
+            keyset = set(ordered)
+            for (key, partition), state in read_bucket_states(cur, stream, wanted).items():
+                if key in keyset and (key[0], key[1], partition) not in held:
+                    found[key].append((partition, state))
+        # merged in partition order, so the same partials always give the same bytes
+        partials = {k: [s for _, s in sorted(v, key=lambda ps: ps[0])] for k, v in found.items()}
         rows = [MergedRow(k, _merge(states)) for k, states in partials.items()]
         gone = [k for k in ordered if k not in partials]
         if rows:
@@ -350,6 +314,29 @@ class StreamStore:
                 "AND source = 'stream'", [(g, _ts(b), m, d, v) for g, b, m, d, v in gone])
             deleted = len(gone)
         return len(rows), deleted
+
+
+def read_bucket_states(cur: psycopg.Cursor, stream: str, buckets: Sequence[BucketId],
+                       partitions: Sequence[int] | None = None) -> dict[tuple[Key, int], AggState]:
+    """(key, partition) -> state for every stored blob of the given buckets (and partitions)."""
+    cur.execute(
+        "SELECT p.granularity, p.bucket_time, p.partition, p.states FROM stream_partials p "
+        "JOIN unnest(%s::text[], %s::timestamptz[]) AS b(g, t) ON p.granularity = b.g AND p.bucket_time = b.t "
+        "WHERE p.stream = %s AND (%s::int[] IS NULL OR p.partition = ANY(%s::int[])) ORDER BY p.partition",
+        ([g for g, _ in buckets], [_ts(b) for _, b in buckets], stream,
+         None if partitions is None else list(partitions), None if partitions is None else list(partitions)))
+    out: dict[tuple[Key, int], AggState] = {}
+    for g, t, partition, blob in cur.fetchall():
+        bucket = int(t.timestamp())
+        for m, d, v, state in decode_bucket(bytes(blob)):
+            out[((g, bucket, m, d, v), int(partition))] = state
+    return out
+
+
+def read_buckets(cur: psycopg.Cursor, stream: str, buckets: Sequence[BucketId],
+                 partitions: Sequence[int]) -> dict[Key, AggState]:
+    """Key -> state of one partition's stored buckets."""
+    return {key: state for (key, _), state in read_bucket_states(cur, stream, buckets, partitions).items()}
 
 
 # Upsert of computed rows; `source` is the writer. The stream never replaces a backfilled

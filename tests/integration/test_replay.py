@@ -68,8 +68,9 @@ def rows(url: str) -> dict[tuple, dict[str, Any]]:
 
 
 def partial_count(url: str) -> int:
+    """Stored (partition, key) states: stream_partials holds one blob per partition and bucket."""
     with psycopg.connect(url) as conn:
-        return conn.execute("SELECT count(*) FROM stream_partials").fetchone()[0]
+        return conn.execute("SELECT coalesce(sum(keys), 0) FROM stream_partials").fetchone()[0]
 
 
 def test_replay_matches_numpy_and_restores_deleted_rows_exactly(config: Config) -> None:

@@ -108,3 +108,20 @@ def test_bytes_round_trip_and_versioning() -> None:
     with pytest.raises(UnknownVersionError):
         digest_from_bytes(b"\x02abc")
     assert math.isinf(AggState().min)
+
+
+def test_bucket_blob_round_trip_and_versioning() -> None:
+    from stream_agg.core.aggstate import decode_bucket, encode_bucket
+
+    items = [("trace.duration_ms", "user", "ann", AggState.from_values(_data("lognormal", 3000, 4), True, 17)),
+             ("trace.errors", "all", "all", AggState.from_values([0.0, 1.0, 1.0], False, 9))]
+    back = decode_bucket(encode_bucket(items))
+    assert [(m, d, v) for m, d, v, _ in back] == [(m, d, v) for m, d, v, _ in items]
+    assert [s for *_, s in back] == [s for *_, s in items]
+    assert decode_bucket(encode_bucket([])) == []
+    import msgspec
+
+    with pytest.raises(UnknownVersionError, match="version 2"):
+        decode_bucket(msgspec.msgpack.encode((2, [])))
+    with pytest.raises(UnknownVersionError):
+        decode_bucket(b"\x00garbage")
