@@ -31,7 +31,22 @@ from stream_agg.store.stream_state import FencedError, StreamStore
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+FOLD_BYTES = 16 << 20  # payload bytes folded per call: bounds decoded events in memory (~30k events)
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
+
+
+def _chunks(msgs: list[Message], limit: int) -> list[list[Message]]:
+    """Split a micro-batch so no chunk holds more than `limit` payload bytes (at least one message)."""
+    out: list[list[Message]] = [[]]
+    size = 0
+    for m in msgs:
+        n = len(m.value or b"")
+        if out[-1] and size + n > limit:
+            out.append([])
+            size = 0
+        out[-1].append(m)
+        size += n
+    return out
 
 
 def stream_id(config: Config) -> str:
@@ -58,7 +73,9 @@ def build_app(config: Config) -> faust.App:
         stream_wait_empty=False,  # our acks wait for PostgreSQL; the revoke hook flushes instead
         stream_recovery_delay=0.0,
         producer_acks=-1,
-        stream_buffer_maxsize=max(4096, config.batch_size * 4),
+        # Faust counts messages, and one message may carry a batch of ~1,000 events: keep
+        # the read-ahead to one micro-batch so memory stays bounded by bytes, not by luck.
+        stream_buffer_maxsize=max(100, config.batch_size),
     )
 
 
@@ -159,17 +176,25 @@ class WorkerShell:
                 message = ev.message
                 message.incref()  # held until the flush that makes it durable
                 msgs.append(Message(message.partition, message.offset, message.value, message))
-            outcome = await self._process(msgs)
-            for rec in outcome.dlq:
-                await self.dlq.send(value=rec.value, headers=rec.headers())
-            self.metrics.dlq_messages.inc(len(outcome.dlq))
-            self._ack(outcome.ack_now)
-            if outcome.ignored:
-                self._ack([m.ref for m in msgs if m.partition not in self.processor.contexts])
-            if self.processor.pending_events >= self.config.max_pending_events:
-                await self._flush_until_ok()
-            elif time.monotonic() - self.last_flush >= self._next_delay():
-                self._flush_soon("interval")
+            for chunk in _chunks(msgs, FOLD_BYTES):
+                await self._handle(chunk)
+
+    async def _handle(self, msgs: list[Message]) -> None:
+        outcome = await self._process(msgs)
+        for rec in outcome.dlq:
+            await self.dlq.send(value=rec.value, headers=rec.headers())
+        self.metrics.dlq_messages.inc(len(outcome.dlq))
+        self._ack(outcome.ack_now)
+        if outcome.ignored:
+            self._ack([m.ref for m in msgs if m.partition not in self.processor.contexts])
+        for m in msgs:
+            # Folded: only the offset is needed until the flush acks it, so let the payload
+            # go now instead of holding every message's bytes for a flush interval.
+            m.ref.value = None
+        if self.processor.pending_events >= self.config.max_pending_events:
+            await self._flush_until_ok()
+        elif time.monotonic() - self.last_flush >= self._next_delay():
+            self._flush_soon("interval")
 
     async def _process(self, msgs: list[Message]) -> Outcome:
         """Process a batch; if stored state cannot be loaded, wait and retry (consumption pauses).
