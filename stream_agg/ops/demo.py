@@ -467,11 +467,17 @@ class Reporter:
             self._status.update(message)
 
     def say(self, message: str) -> None:
-        self.console.print(message, highlight=False, markup=False, soft_wrap=True)  # log lines hold [...]
+        self.show(message, highlight=False, markup=False, soft_wrap=True)  # log lines hold [...]
+
+    def show(self, *objects: Any, **options: Any) -> None:
+        """Print; a terminal that went away (closed window: EIO) must not stop the clean-up."""
+        with contextlib.suppress(OSError):
+            self.console.print(*objects, **options)
 
     def done(self) -> None:
         if self._status is not None:
-            self._status.stop()
+            with contextlib.suppress(OSError):
+                self._status.stop()
             self._status = None
 
 
@@ -519,7 +525,8 @@ class Demo:
         """Start, watch, stop. Returns the exit code: 0 after --duration or Ctrl-C, 1 on a failure."""
         # Signals set a flag that every wait checks: an exception raised at an arbitrary point
         # (in the middle of drawing the live view) would leave half-written output behind.
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+        # SIGHUP too: closing the terminal window must stop the worker child (it has its own session).
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
         # kafka-python logs every reconnect at ERROR; the demo reports failures itself, in one line.
         if not logging.getLogger().isEnabledFor(logging.DEBUG):
             logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -533,7 +540,7 @@ class Demo:
             self.reporter.say("stopping (interrupted)...")
         except DemoError as exc:
             self.reporter.done()
-            self.console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+            self.reporter.show(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
             code = 1
         finally:
             # A second Ctrl-C must not cut the clean-up short: nothing may be left running.
@@ -682,10 +689,11 @@ class Demo:
 
             with Live(console=self.console, auto_refresh=False, transient=False) as live:
                 for snap in self._snapshots(end):
-                    live.update(render(snap, title, self.metrics_url, self._elapsed()), refresh=True)
+                    with contextlib.suppress(OSError):  # the terminal went away: SIGHUP stops us next
+                        live.update(render(snap, title, self.metrics_url, self._elapsed()), refresh=True)
         else:
             for snap in self._snapshots(end):
-                self.console.print(render(snap, title, self.metrics_url, self._elapsed()))
+                self.reporter.show(render(snap, title, self.metrics_url, self._elapsed()))
 
     def _elapsed(self) -> float:
         return time.monotonic() - self.started_stream_at
@@ -773,7 +781,7 @@ class Demo:
             if (code != 0 or (stream is not None and not drained)) and not dead:
                 self._keep_worker_log(worker)
         if final is not None:
-            self.console.print(render(final, f"final · topic {self.topic}", self.metrics_url, self._elapsed()))
+            self.reporter.show(render(final, f"final · topic {self.topic}", self.metrics_url, self._elapsed()))
         if stream is not None:
             c = stream.counts
             self.reporter.say(f"sent {c.on_time + c.late + c.too_late:,} events ({c.on_time:,} on time, "
