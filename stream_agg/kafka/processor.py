@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from stream_agg.config import Config
-from stream_agg.core.aggstate import encode_bucket
+from stream_agg.core.aggstate import AggState, encode_bucket
 from stream_agg.core.buckets import GRANULARITIES, SPAN
 from stream_agg.core.fold import BucketId, Columns, Key, PartitionState, event_times, fold, to_columns
 from stream_agg.core.registry import Registry
 from stream_agg.core.watermark import Watermark, WatermarkPolicy
 from stream_agg.events import TraceEvent, decode_message, encode_event
 from stream_agg.observability import Metrics
-from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFlush, StreamStore
+from stream_agg.store.stream_state import FlushPayload, FlushReport, MergedRow, PartitionFlush, StreamStore
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class Processor:
         self.pending_events = 0
         self.poisoned = False
         self.topic_partitions: int | None = None  # set by the shell from topic metadata
+        self._digests = {m.name for m in registry.metrics if m.digest}
 
     # ----------------------------------------------------------------- assignment
 
@@ -306,9 +307,9 @@ class Processor:
             ctx.changed, ctx.removed, ctx.dirty = set(), set(), False
         payload = None
         if parts or self.traces:
-            memory, resident = self._held_states(parts)
-            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, memory, resident,
-                                   self._complete_buckets(resident))
+            memory, resident, complete, ready = self._held_states(parts)
+            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, memory=memory,
+                                   resident=resident, complete=complete, ready=ready)
         snap = Snapshot(payload, closing, changed_by, self.unacked, self.pending_events, now)
         self.traces, self.spans, self.unacked, self.pending_events = [], [], [], 0
         return snap
@@ -382,11 +383,13 @@ class Processor:
             seen[(g, b)] = seen.get((g, b), 0) + 1
         return {bucket for bucket, count in seen.items() if count >= n}
 
-    def _held_states(self, parts: list[PartitionFlush]) -> tuple[dict[Key, list[Any]], list[tuple[str, int, int]]]:
-        """Every owned partition's state of each changed key (copies), and which buckets are resident.
+    def _held_states(self, parts: list[PartitionFlush]) -> tuple[
+            dict[Key, list[Any]], list[tuple[str, int, int]], set[tuple[str, int]], dict[Key, Any]]:
+        """What the merge of the changed keys needs from memory.
 
-        When this worker owns every partition of the topic, resident buckets need no
-        read-back at all; otherwise the merge reads the other partitions' partials.
+        For buckets held for every partition of the topic the rows are merged right here
+        (values only, nothing shared with the live states); for the others, copies of this
+        worker's states go along and the writer adds the other partitions' from PostgreSQL.
         """
         changed: set[Key] = set()
         for part in parts:
@@ -394,13 +397,19 @@ class Processor:
         buckets = {(k[0], k[1]) for k in changed}
         resident = [(g, b, p) for p, ctx in self.contexts.items() for g, b in buckets
                     if (g, b) in ctx.pstate.by_bucket]
+        complete = self._complete_buckets(resident)
+        ctxs = sorted(self.contexts.items())
         memory: dict[Key, list[Any]] = {}
+        ready: dict[Key, Any] = {}
         for key in changed:
-            held = [(p, live.copy()) for p, live in sorted((p, c.pstate.states.get(key))
-                                                           for p, c in self.contexts.items()) if live is not None]
-            if held:
-                memory[key] = held
-        return memory, resident
+            held = [(p, live) for p, live in ((p, c.pstate.states.get(key)) for p, c in ctxs) if live is not None]
+            if (key[0], key[1]) in complete:
+                states = [s for _, s in held]
+                merged = states[0] if len(states) == 1 else AggState.merge_many(states, key[2] in self._digests)
+                ready[key] = MergedRow(key, merged).values() if states else None
+            elif held:
+                memory[key] = [(p, s.copy()) for p, s in held]
+        return memory, resident, complete, ready
 
     def _update_gauges(self, now: float) -> None:
         m = self.metrics

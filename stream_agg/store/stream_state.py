@@ -74,6 +74,7 @@ class FlushPayload:
     traces: list[tuple[Any, ...]] = field(default_factory=list)
     spans: list[tuple[Any, ...]] = field(default_factory=list)
     memory: dict[Key, list[tuple[int, AggState]]] = field(default_factory=dict)  # key -> (partition, state)
+    ready: dict[Key, tuple[Any, ...] | None] = field(default_factory=dict)  # rows merged by the caller
     resident: list[tuple[str, int, int]] = field(default_factory=list)
     complete: set[tuple[str, int]] = field(default_factory=set)  # buckets resident in every partition
 
@@ -187,7 +188,7 @@ class StreamStore:
                 self._advance_offsets(cur, payload)
                 traces, spans = self._archive(cur, payload)
                 rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
-                                                 payload.resident, payload.complete)
+                                                 payload.resident, payload.complete, payload.ready)
             return FlushReport(partials, rows, deleted, traces, spans)
         except psycopg.Error:
             self._reset()
@@ -264,12 +265,14 @@ class StreamStore:
     def merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key],
                     memory: dict[Key, list[tuple[int, AggState]]] | None = None,
                     resident: list[tuple[str, int, int]] | None = None,
-                    complete: set[tuple[str, int]] | None = None) -> tuple[int, int]:
+                    complete: set[tuple[str, int]] | None = None,
+                    ready: dict[Key, tuple[Any, ...] | None] | None = None) -> tuple[int, int]:
         """Recompute metrics_aggregates rows of `keys` from every partition's partial.
 
         Partials of (bucket, partition) pairs listed in `resident` come from `memory`;
         all others are read from stream_partials under the bucket locks, except for
         `complete` buckets, which this worker holds for every partition of the topic.
+        `ready` has rows already computed by the caller (None = no partial left: delete).
         """
         if not keys:
             return 0, 0
@@ -292,8 +295,10 @@ class StreamStore:
                     found[key].append((partition, state))
         # merged in partition order, so the same partials always give the same bytes
         partials = {k: [s for _, s in sorted(v, key=lambda ps: ps[0])] for k, v in found.items()}
-        rows = [MergedRow(k, _merge(states)) for k, states in partials.items()]
-        gone = [k for k in ordered if k not in partials]
+        done_rows = ready or {}
+        rows = [MergedRow(k, _merge(states)).values() for k, states in partials.items() if k not in done_rows]
+        rows += [values for values in done_rows.values() if values is not None]
+        gone = [k for k in ordered if k not in partials and done_rows.get(k) is None]
         if rows:
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS tmp_rows (LIKE metrics_aggregates INCLUDING DEFAULTS) "
@@ -304,7 +309,7 @@ class StreamStore:
                 "FROM STDIN"
             ) as copy:
                 for row in rows:
-                    copy.write_row(row.values())
+                    copy.write_row(row)
             cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
         deleted = 0
         if gone:
