@@ -164,8 +164,9 @@ class EmbeddedBroker:
                "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
         assert self.log_path is not None
         with open(self.log_path, "wb") as log:
+            # Own session: a Ctrl-C in the terminal reaches us, and we stop the broker in order.
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.workdir)
+                                         stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True)
         self.port = port
         deadline = time.monotonic() + self.startup_timeout
         while True:
@@ -343,7 +344,7 @@ class EmbeddedPostgres:
                "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, cwd=self.workdir,
+                                         stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True,
                                          **self._run_as())
         self.port = port
         deadline = time.monotonic() + self.startup_timeout

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -62,6 +64,8 @@ def build_app(config: Config) -> faust.App:
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
+        # Faust wants a data directory even without tables; keep it out of the working directory.
+        datadir=os.path.join(tempfile.gettempdir(), "stream-agg-faust-{conf.name}"),
         web_enabled=False,
         topic_disable_leader=True,
         topic_allow_declare=False,

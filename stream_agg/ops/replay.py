@@ -271,6 +271,11 @@ def run_replay(bootstrap: str, topic: str, stream: str, url: str, plan: ReplayPl
     finally:
         consumer.close()
     states = folder.finish()
+    if not any(r.events for r in reads.values()):
+        # Nothing of the range was read (a retention gap, or --lookback / --slack too short for
+        # back-dated data): rewriting now would erase the stored state, so write nothing.
+        raise OpsError("replay read no event of the range from the topic; nothing changed "
+                       "(widen --lookback / --slack if the events were produced long after their event time)")
     with connect(url) as conn:
         partials, rows, deleted = write_replay(conn, url, stream, plan, states)
     return ReplayResult(plan, reads, partials, rows, deleted, time.perf_counter() - started)
