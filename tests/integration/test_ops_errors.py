@@ -114,3 +114,10 @@ def test_reconcile_bad_input(db: str, args: list[str], needle: str) -> None:
 def test_reconcile_unreachable_database(db: str) -> None:
     result = run("reconcile", ["--once"], f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere")
     assert_one_error_line(result, "cannot reach PostgreSQL")
+
+
+def test_replay_of_a_range_with_no_event_in_the_topic_changes_nothing(db: str, config) -> None:
+    """A replay that read nothing of its range (e.g. --slack too short) must not erase stored state."""
+    result = run("replay", [*OK_RANGE, "--bootstrap", config.kafka_bootstrap, "--topic", config.topic], db)
+    assert_one_error_line(result, "replay read no event of the range")
+    nothing_written(db)
