@@ -31,7 +31,7 @@ def command(bootstrap: str | None, database_url: str | None, topic: str | None, 
     """
     # Until Faust installs its own handlers, SIGTERM means "nothing consumed yet, exit cleanly".
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    from stream_agg.kafka.admin import BrokerUnavailable, ensure_topics
+    from stream_agg.kafka.admin import BrokerUnavailable, ensure_topics, partition_count
     from stream_agg.store.db import describe_db_error
     from stream_agg.store.schema import migrate
 
@@ -46,6 +46,7 @@ def command(bootstrap: str | None, database_url: str | None, topic: str | None, 
     try:
         ensure_topics(config.kafka_bootstrap, {config.topic: config.partitions, config.dlq: 1},
                       replication_factor=-1, strict=False)
+        partitions = partition_count(config.kafka_bootstrap, config.topic)
     except (BrokerUnavailable, TimeoutError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -55,16 +56,16 @@ def command(bootstrap: str | None, database_url: str | None, topic: str | None, 
         click.echo(f"error: cannot reach PostgreSQL at {redact_url(config.database_url)}: "
                    f"{describe_db_error(exc)}", err=True)
         sys.exit(2)
-    run_worker(config)
+    run_worker(config, partitions)
 
 
-def run_worker(config: object) -> None:
+def run_worker(config: object, topic_partitions: int | None = None) -> None:
     """Run the Faust worker in this process until it is stopped."""
     import faust
 
     from stream_agg.kafka.worker import WorkerShell
 
-    shell = WorkerShell(config)  # type: ignore[arg-type]
+    shell = WorkerShell(config, topic_partitions=topic_partitions)  # type: ignore[arg-type]
     if shell.config.metrics_port:
         shell.metrics.serve(shell.config.metrics_port)
         log.info("metrics on http://0.0.0.0:%d/metrics", shell.config.metrics_port)

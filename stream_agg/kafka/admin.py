@@ -90,3 +90,16 @@ def ensure_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30
             time.sleep(POLL)
     finally:
         admin.close()
+
+
+def partition_count(bootstrap: str, topic: str, timeout: float = 10.0) -> int | None:
+    """How many partitions `topic` has (None if the broker does not say)."""
+    admin = admin_client(bootstrap, timeout=timeout)
+    try:
+        for info in admin.describe_topics([topic]):
+            name, count, _ = topic_state(info)
+            if name == topic and count:
+                return count
+        return None
+    finally:
+        admin.close()

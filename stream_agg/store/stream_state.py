@@ -290,7 +290,9 @@ class StreamStore:
                     found[key].extend(mine)
         if wanted:
             keyset = set(ordered)
-            for (key, partition), state in read_bucket_states(cur, stream, wanted).items():
+            wanted_set = set(wanted)
+            skip = [r for r in held if (r[0], r[1]) in wanted_set]
+            for (key, partition), state in read_bucket_states(cur, stream, wanted, skip=skip).items():
                 if key in keyset and (key[0], key[1], partition) not in held:
                     found[key].append((partition, state))
         # merged in partition order, so the same partials always give the same bytes
@@ -322,14 +324,21 @@ class StreamStore:
 
 
 def read_bucket_states(cur: psycopg.Cursor, stream: str, buckets: Sequence[BucketId],
-                       partitions: Sequence[int] | None = None) -> dict[tuple[Key, int], AggState]:
-    """(key, partition) -> state for every stored blob of the given buckets (and partitions)."""
+                       partitions: Sequence[int] | None = None,
+                       skip: Sequence[tuple[str, int, int]] = ()) -> dict[tuple[Key, int], AggState]:
+    """(key, partition) -> state for every stored blob of the given buckets (and partitions).
+
+    `skip` lists (granularity, bucket, partition) blobs the caller already holds.
+    """
+    parts = None if partitions is None else list(partitions)
     cur.execute(
         "SELECT p.granularity, p.bucket_time, p.partition, p.states FROM stream_partials p "
         "JOIN unnest(%s::text[], %s::timestamptz[]) AS b(g, t) ON p.granularity = b.g AND p.bucket_time = b.t "
-        "WHERE p.stream = %s AND (%s::int[] IS NULL OR p.partition = ANY(%s::int[])) ORDER BY p.partition",
-        ([g for g, _ in buckets], [_ts(b) for _, b in buckets], stream,
-         None if partitions is None else list(partitions), None if partitions is None else list(partitions)))
+        "WHERE p.stream = %s AND (%s::int[] IS NULL OR p.partition = ANY(%s::int[])) "
+        "AND NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::timestamptz[], %s::int[]) AS s(g, t, p) "
+        "WHERE s.g = p.granularity AND s.t = p.bucket_time AND s.p = p.partition) ORDER BY p.partition",
+        ([g for g, _ in buckets], [_ts(b) for _, b in buckets], stream, parts, parts,
+         [g for g, _, _ in skip], [_ts(b) for _, b, _ in skip], [p for _, _, p in skip]))
     out: dict[tuple[Key, int], AggState] = {}
     for g, t, partition, blob in cur.fetchall():
         bucket = int(t.timestamp())
