@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
@@ -34,6 +35,8 @@ from stream_agg.core.registry import ALL, DIMENSIONS, OTHER, Level, Metric, Regi
 Key = tuple[str, int, str, str, str]
 BucketId = tuple[str, int]
 CapScope = tuple[str, int, str, str]  # (granularity, bucket_start, metric, dimension_type)
+
+_STARTED_AT = attrgetter("started_at")
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -117,8 +120,7 @@ def _floats(objs: Sequence[Any], attr: str) -> F64:
 
 def event_times(events: Sequence[Any]) -> F64:
     """Epoch seconds of each event's `started_at` (an aware datetime)."""
-    return np.fromiter((e.started_at.timestamp() for e in events), dtype=np.float64,
-                       count=len(events))
+    return np.fromiter(map(datetime.timestamp, map(_STARTED_AT, events)), dtype=np.float64, count=len(events))
 
 
 def to_columns(
@@ -143,7 +145,7 @@ def to_columns(
         for m in registry.by_level("trace"):
             if m.is_error:
                 values[m.name] = np.fromiter(
-                    (s == "error" for s in map(attrgetter(m.field), events)), dtype=bool, count=n
+                    map("error".__eq__, map(attrgetter(m.field), events)), dtype=bool, count=n
                 ).astype(np.float64)
             else:
                 values[m.name] = _floats(events, m.field)
