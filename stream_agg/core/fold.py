@@ -21,22 +21,25 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from itertools import chain, compress
 from operator import attrgetter
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from stream_agg.core.aggstate import AggState, merge_digests, new_digest
-from stream_agg.core.buckets import GRANULARITIES, HOUR, SPAN, bucket_starts
-from stream_agg.core.cardinality import KeptSet, cap_hash
+from stream_agg.core.buckets import GRANULARITIES, HOUR, bucket_starts
+from stream_agg.core.partition_state import BucketId, CapScope, Key, PartitionState
 from stream_agg.core.registry import ALL, DIMENSIONS, OTHER, Level, Metric, Registry
+from stream_agg.core.sample import Sample, absorb, combine, sample_of
+from stream_agg.core.state_table import StateTable, composite
 
-Key = tuple[str, int, str, str, str]
-BucketId = tuple[str, int]
-CapScope = tuple[str, int, str, str]  # (granularity, bucket_start, metric, dimension_type)
+__all__ = ["BucketId", "Columns", "FoldResult", "Key", "LevelColumns", "PartitionState", "event_times", "fold",
+           "fold_events", "to_columns"]
 
 _STARTED_AT = attrgetter("started_at")
+_SPANS = attrgetter("spans")
+_KIND = attrgetter("kind")
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -156,14 +159,13 @@ def to_columns(
             {d: trace_labels.get(d, [ALL]) for d in dims},
         )
     if registry.by_level("llm"):
-        parents: list[int] = []
-        spans: list[Any] = []
-        for i, e in enumerate(events):
-            for s in e.spans:
-                if s.kind == "llm":
-                    parents.append(i)
-                    spans.append(s)
-        parent = np.asarray(parents, dtype=np.int64)
+        # every span, then the llm ones: C-level maps instead of a Python loop per span
+        span_lists = list(map(_SPANS, events))
+        every_span = list(chain.from_iterable(span_lists))
+        is_llm = list(map("llm".__eq__, map(_KIND, every_span)))
+        counts = np.fromiter(map(len, span_lists), dtype=np.int64, count=n)
+        parent = np.repeat(np.arange(n, dtype=np.int64), counts)[np.asarray(is_llm, dtype=bool)]
+        spans = list(compress(every_span, is_llm))
         values = {m.name: _floats(spans, m.field) for m in registry.by_level("llm")}
         codes: dict[str, I64] = {}
         labels: dict[str, list[str]] = {}
@@ -185,123 +187,92 @@ def _dim_codes(dim: str, n: int, trace_codes: dict[str, I64]) -> I64:
     return trace_codes[dim]
 
 
-# --------------------------------------------------------------------------- state
-
-
-@dataclass
-class PartitionState:
-    """Every AggState of one source partition, plus the kept sets of capped dimensions."""
-
-    registry: Registry
-    states: dict[Key, AggState] = field(default_factory=dict)
-    kept: dict[CapScope, KeptSet] = field(default_factory=dict)
-    by_bucket: dict[BucketId, set[Key]] = field(default_factory=dict)
-    max_applied: int = -1  # highest applied_offset of any state here
-
-    def get(self, key: Key) -> AggState | None:
-        return self.states.get(key)
-
-    def put(self, key: Key, state: AggState) -> None:
-        """Install a state (e.g. loaded from storage), keeping indexes in step."""
-        self.states[key] = state
-        self.by_bucket.setdefault((key[0], key[1]), set()).add(key)
-        self.max_applied = max(self.max_applied, state.applied_offset)
-        cap = self.registry.cap(key[3])
-        if cap is not None and key[4] != OTHER:
-            kept = self.kept.setdefault(key[:4], KeptSet(cap))
-            kept.admit(key[4])
-
-    def remove(self, key: Key) -> None:
-        self.states.pop(key, None)
-        keys = self.by_bucket.get((key[0], key[1]))
-        if keys is not None:
-            keys.discard(key)
-
-    def evict_bucket(self, bucket: BucketId) -> int:
-        """Drop a bucket from memory (after its final flush); returns states dropped."""
-        keys = self.by_bucket.pop(bucket, set())
-        for key in keys:
-            self.states.pop(key, None)
-        for scope in [s for s in self.kept if s[:2] == bucket]:
-            del self.kept[scope]
-        return len(keys)
-
-    @property
-    def buckets(self) -> set[BucketId]:
-        return set(self.by_bucket)
-
-    def keys_of(self, bucket: BucketId) -> set[Key]:
-        return set(self.by_bucket.get(bucket, ()))
+# --------------------------------------------------------------------------- fold
 
 
 @dataclass
 class FoldResult:
-    changed: set[Key] = field(default_factory=set)
-    removed: set[Key] = field(default_factory=set)  # pushed into __other__ by the cap
+    """What one fold did. `touched` holds (table, composite keys) so keys are made only on demand."""
+
     rows_folded: int = 0  # (row, metric, dimension, granularity) contributions
     rows_skipped: int = 0  # skipped as already applied (re-delivery)
+    touched: list[tuple[StateTable, I64]] = field(default_factory=list)
+    removed: set[Key] = field(default_factory=set)  # pushed into __other__ by the cap
+    pstate: PartitionState | None = None
 
-    def update(self, other: FoldResult) -> None:
-        self.changed |= other.changed
-        self.removed |= other.removed
-        self.removed -= other.changed
-        self.rows_folded += other.rows_folded
-        self.rows_skipped += other.rows_skipped
-
-
-# --------------------------------------------------------------------------- fold
+    @property
+    def changed(self) -> set[Key]:
+        out: set[Key] = set()
+        if self.pstate is not None:
+            for table, comps in self.touched:
+                live = comps[table.lookup(comps) >= 0]
+                out.update(self.pstate._keys(table, live))
+        return out - self.removed
 
 
 def fold(pstate: PartitionState, cols: Columns) -> FoldResult:
-    """Fold a batch (columns of one partition) into `pstate`; returns what changed.
+    """Fold a batch (columns of one partition) into `pstate`; returns what it did.
 
     The caller must have loaded every state of the buckets the batch touches
     (`cols.buckets()`), because the cap and the offset check read them.
     """
-    result = FoldResult()
+    result = FoldResult(pstate=pstate)
     if cols.size == 0:
         return result
     may_dedup = int(cols.offsets.min()) <= pstate.max_applied
+    registry = pstate.registry
     for level, lc in cols.levels.items():
         if lc.size == 0:
             continue
-        metrics = pstate.registry.by_level(level)
-        for dim in pstate.registry.dimensions_of(level):
-            for metric in metrics:
-                if dim in metric.dimensions:
-                    _fold_metric_dim(pstate, lc, metric, dim, may_dedup, result)
+        metrics = registry.by_level(level)
+        for dim in registry.dimensions_of(level):
+            ms = [m for m in metrics if dim in m.dimensions]
+            if ms:
+                _fold_dimension(pstate, lc, dim, ms, may_dedup, result)
     pstate.max_applied = max(pstate.max_applied, int(cols.offsets.max()))
-    result.removed -= result.changed
+    pstate.resident.update(cols.buckets())
     return result
 
 
+def _small_ints(a: I64, top: int) -> npt.NDArray[Any]:
+    """The narrowest integer type holding 0..top, so a stable sort can be a radix sort."""
+    if top < 1 << 15:
+        return a.astype(np.int16)
+    if top < 1 << 31:
+        return a.astype(np.int32)
+    return a
+
+
 @dataclass
-class _Groups:
-    """Dense grouping of rows by (bucket, code) at one granularity.
+class _RawGroups:
+    """Rows of one dimension sorted by (hour, value code): group g is rows[bounds[g]:bounds[g+1]]."""
 
-    gid = bucket_index * ncodes + code; for a capped dimension the codes were remapped
-    (values not kept -> the extra code `ncodes - 1`, labelled __other__).
-    """
+    rows: I64  # row indices, sorted by group
+    bounds: I64  # first sorted position of each group
+    hours: I64  # hour bucket start of each group
+    codes: I64  # batch-local value code of each group
 
-    granularity: str
-    base: int  # first bucket start
-    ncodes: int
-    labels: list[str]
-    gid: I64
-    vals: F64
-    offs: I64
 
-    def bucket_of(self, g: I64 | int) -> I64 | int:
-        return self.base + (g // self.ncodes) * SPAN[self.granularity]
-
-    def key(self, g: int, metric: str, dim: str) -> Key:
-        return (self.granularity, self.base + (g // self.ncodes) * SPAN[self.granularity], metric, dim,
-                self.labels[g % self.ncodes])
+def _raw_groups(lc: LevelColumns, codes: I64, nraw: int) -> _RawGroups | None:
+    hour = lc.starts("hour")
+    sel = np.flatnonzero(codes >= 0)
+    if sel.size == 0:
+        return None
+    if sel.size == codes.size:
+        sel = np.arange(codes.size)
+    h = hour[sel]
+    hbase = int(h.min())
+    gid = ((h - hbase) // HOUR) * nraw + codes[sel]
+    order = np.argsort(_small_ints(gid, int(gid.max())), kind="stable")
+    sg = gid[order]
+    bounds = np.concatenate(([0], np.flatnonzero(np.diff(sg)) + 1))
+    first = sg[bounds]
+    return _RawGroups(sel[order], bounds, hbase + (first // nraw) * HOUR, first % nraw)
 
 
 @dataclass
 class _Agg:
-    """count / sum / min / max / top offset per group (a row is a group of one)."""
+    """count / sum / min / max / top offset per group."""
 
     count: I64
     total: F64
@@ -309,246 +280,251 @@ class _Agg:
     hi: F64
     top: I64
 
-    @classmethod
-    def of_rows(cls, vals: F64, offs: I64) -> _Agg:
-        return cls(np.ones(vals.size, dtype=np.int64), vals, vals, vals, offs)
+    def take(self, idx: I64 | npt.NDArray[np.bool_]) -> _Agg:
+        return _Agg(self.count[idx], self.total[idx], self.lo[idx], self.hi[idx], self.top[idx])
 
 
-def _reduce(gid: I64, agg: _Agg) -> tuple[I64, _Agg]:
-    """Combine groups sharing a gid: returns the distinct gids (sorted) and their aggregates."""
-    size = int(gid.max()) + 1
-    counts = np.bincount(gid, weights=agg.count, minlength=size)
-    present = np.flatnonzero(counts)
-    sums = np.bincount(gid, weights=agg.total, minlength=size)
-    mins = np.full(size, math.inf)
-    np.minimum.at(mins, gid, agg.lo)
-    maxs = np.full(size, -math.inf)
-    np.maximum.at(maxs, gid, agg.hi)
-    top = np.full(size, -1, dtype=np.int64)
-    np.maximum.at(top, gid, agg.top)
-    return present, _Agg(counts[present].astype(np.int64), sums[present], mins[present], maxs[present],
-                         top[present])
+def _group_agg(vals: F64, offs: I64, bounds: I64) -> _Agg:
+    """Aggregates of contiguous groups (rows already sorted by group); NaN = no value."""
+    nan = np.isnan(vals)
+    if nan.any():
+        count = np.add.reduceat((~nan).astype(np.int64), bounds)
+        return _Agg(count, np.add.reduceat(np.where(nan, 0.0, vals), bounds),
+                    np.minimum.reduceat(np.where(nan, math.inf, vals), bounds),
+                    np.maximum.reduceat(np.where(nan, -math.inf, vals), bounds),
+                    np.maximum.reduceat(np.where(nan, -1, offs), bounds))
+    count = np.diff(np.append(bounds, vals.size))
+    return _Agg(count, np.add.reduceat(vals, bounds), np.minimum.reduceat(vals, bounds),
+                np.maximum.reduceat(vals, bounds), np.maximum.reduceat(offs, bounds))
 
 
-def _fold_metric_dim(
-    pstate: PartitionState, lc: LevelColumns, metric: Metric, dim: str, may_dedup: bool,
+def _combine(inv: I64, n: int, agg: _Agg) -> _Agg:
+    """Combine groups mapped onto `n` targets by `inv`."""
+    count = np.bincount(inv, weights=agg.count, minlength=n).astype(np.int64)
+    total = np.bincount(inv, weights=agg.total, minlength=n)
+    lo = np.full(n, math.inf)
+    np.minimum.at(lo, inv, agg.lo)
+    hi = np.full(n, -math.inf)
+    np.maximum.at(hi, inv, agg.hi)
+    top = np.full(n, -1, dtype=np.int64)
+    np.maximum.at(top, inv, agg.top)
+    return _Agg(count, total, lo, hi, top)
+
+
+def _group_samples(vals: F64, bounds: I64) -> list[Sample]:
+    """One percentile sample per contiguous group (exact values, or a digest fed once)."""
+    ends = np.append(bounds[1:], vals.size).tolist()
+    if np.isnan(vals).any():
+        return [sample_of(c[~np.isnan(c)]) for c in
+                (vals[a:b] for a, b in zip(bounds.tolist(), ends, strict=True))]
+    return [sample_of(vals[a:b]) for a, b in zip(bounds.tolist(), ends, strict=True)]
+
+
+def _fold_dimension(
+    pstate: PartitionState, lc: LevelColumns, dim: str, metrics: list[Metric], may_dedup: bool,
     result: FoldResult,
 ) -> None:
-    """Fold one metric sliced by one dimension, at every granularity.
+    """Fold every metric of a level sliced by one dimension, at every granularity.
 
-    Rows are grouped once by (hour, value); day and week aggregates and digests are
-    roll-ups of those hour groups, so only one pass touches every row.
+    Rows are sorted once by (hour, value) for all the metrics; day and week aggregates
+    and digests are roll-ups of those hour groups, so only one pass touches every row.
     """
-    vals = lc.values[metric.name]
     codes = lc.codes[dim]
-    rows = (codes >= 0) & ~np.isnan(vals)
-    every = bool(rows.all())
-    if not every and not rows.any():
-        return
-    if not every:
-        vals, codes = vals[rows], codes[rows]
-    offs = lc.offsets if every else lc.offsets[rows]
-    starts_of = {g: (lc.starts(g) if every else lc.starts(g)[rows]) for g in GRANULARITIES}
     labels = lc.labels[dim] or [ALL]
+    lids = pstate.interner(dim).intern(labels)
     if may_dedup:
-        _fold_rows_checked(pstate, metric, dim, labels, vals, codes, offs, starts_of, result)
+        for metric in metrics:
+            _fold_rows_checked(pstate, lc, codes, lids, metric, dim, result)
         return
-    nraw = len(labels)
-    hour_starts = starts_of["hour"]
-    hbase = int(hour_starts.min())
-    raw_gid = ((hour_starts - hbase) // HOUR) * nraw + codes
-    raw_ids, raw = _reduce(raw_gid, _Agg.of_rows(vals, offs))
-    raw_digests: dict[int, Any] | None = None
-    if metric.digest:
-        raw_digests = _digests_by_group(_Groups("hour", hbase, nraw, labels, raw_gid, vals, offs))
-    raw_hours = hbase + (raw_ids // nraw) * HOUR
-    raw_codes = raw_ids % nraw
-    cap = pstate.registry.cap(dim)
-    for g in GRANULARITIES:
-        starts = raw_hours if g == "hour" else bucket_starts(raw_hours.astype(np.float64), g)
-        base = int(starts.min())
-        bidx = (starts - base) // SPAN[g]
-        glabels, gcodes = _capped(pstate, g, base, bidx, raw_codes, labels, metric.name, dim, cap, result)
-        ncodes = len(glabels)
-        gid = bidx * ncodes + gcodes
-        if g == "hour" and cap is None:
-            ids, agg, digests = gid, raw, raw_digests  # the hour groups themselves
-        else:
-            ids, agg = _reduce(gid, raw)
-            digests = None if raw_digests is None else _roll_up(raw_ids, gid, raw_digests, own=g == "hour")
-        _apply(pstate, g, base, ncodes, glabels, metric, dim, ids, agg, digests, result)
+    raw = _raw_groups(lc, codes, len(labels))
+    if raw is None:
+        return
+    raw_lids = lids[raw.codes]
+    offs = lc.offsets[raw.rows]
+    parents = {g: bucket_starts(raw.hours.astype(np.float64), g) for g in GRANULARITIES if g != "hour"}
+    parents["hour"] = raw.hours
+    for metric in metrics:
+        vals = lc.values[metric.name][raw.rows]
+        agg = _group_agg(vals, offs, raw.bounds)
+        present = agg.count > 0
+        every = bool(present.all())
+        if not every:
+            if not present.any():
+                continue
+            agg = agg.take(present)
+        digests = _group_samples(vals, raw.bounds) if metric.digest else None
+        if digests is not None and not every:
+            digests = [d for d, k in zip(digests, present.tolist(), strict=True) if k]
+        glids = raw_lids if every else raw_lids[present]
+        for g in GRANULARITIES:
+            starts = parents[g] if every else parents[g][present]
+            _fold_groups(pstate, g, metric, dim, starts, glids, agg, digests, result)
 
 
-def _fold_rows_checked(
-    pstate: PartitionState, metric: Metric, dim: str, labels: list[str], vals: F64, codes: I64, offs: I64,
-    starts_of: dict[str, I64], result: FoldResult,
+def _fold_groups(
+    pstate: PartitionState, g: str, metric: Metric, dim: str, starts: I64, glids: I64, agg: _Agg,
+    digests: list[Any] | None, result: FoldResult,
 ) -> None:
-    """The re-delivery path: rows already applied to their key are dropped per granularity."""
+    """Cap, combine and apply (bucket, value) groups at granularity `g`."""
     cap = pstate.registry.cap(dim)
-    for g in GRANULARITIES:
-        starts = starts_of[g]
-        base = int(starts.min())
-        bidx = (starts - base) // SPAN[g]
-        glabels, gcodes = _capped(pstate, g, base, bidx, codes, labels, metric.name, dim, cap, result)
-        grp = _Groups(g, base, len(glabels), glabels, bidx * len(glabels) + gcodes, vals, offs)
-        grp, _ = _drop_applied(pstate, grp, metric.name, dim, result)
-        if grp.gid.size == 0:
-            continue
-        ids, agg = _reduce(grp.gid, _Agg.of_rows(grp.vals, grp.offs))
-        digests = _digests_by_group(grp) if metric.digest else None
-        _apply(pstate, g, base, grp.ncodes, glabels, metric, dim, ids, agg, digests, result)
+    if cap is not None:
+        glids = _capped(pstate, g, metric, dim, cap, starts, glids, result)
+    q = composite(starts, glids)
+    if g == "hour" and cap is None:  # (hour, value) groups are distinct already
+        targets, tagg, children = q, agg, None
+    else:
+        targets, inv = np.unique(q, return_inverse=True)
+        if targets.size == q.size:
+            order = np.argsort(q)
+            targets, tagg = q[order], agg.take(order)
+            children = None if digests is None else [[digests[i]] for i in order.tolist()]
+        else:
+            tagg = _combine(inv, targets.size, agg)
+            children = None
+            if digests is not None:
+                children = [[] for _ in range(targets.size)]
+                for d, t in zip(digests, inv.tolist(), strict=True):
+                    children[t].append(d)
+    if digests is not None and children is None:
+        children = [[d] for d in digests]
+    _apply(pstate.table(g, metric.name, dim), targets, tagg, children, own=g == "hour", result=result)
 
 
-def _roll_up(raw_ids: I64, targets: I64, raw_digests: dict[int, Any], own: bool) -> dict[int, Any]:
-    """Digest per target group as the merge of its raw (hour, value) digests.
+def _apply(table: StateTable, targets: I64, agg: _Agg, children: list[list[Any]] | None, own: bool,
+           result: FoldResult) -> None:
+    """Fold target aggregates (and digests) into the table.
 
-    Only hour-level states may take a raw digest as their own; coarser ones get a copy
-    or a merge, so no two states ever share a digest object.
+    Only hour-level states may take a group's digest as their own; coarser ones get a
+    copy or a merge, so no two states ever share a digest object (arrays are never
+    changed in place, so sharing those is fine).
     """
-    children: dict[int, list[Any]] = {}
-    for r, t in zip(raw_ids.tolist(), targets.tolist(), strict=True):
-        children.setdefault(t, []).append(raw_digests[r])
-    return {t: (ds[0] if own else ds[0].copy()) if len(ds) == 1 else merge_digests(ds)
-            for t, ds in children.items()}
+    slots, _ = table.ensure(targets)
+    table.add(slots, agg.count, agg.total, agg.lo, agg.hi, agg.top)
+    result.touched.append((table, targets))
+    result.rows_folded += int(agg.count.sum())
+    if children is None:
+        return
+    held = table.digests
+    for slot, parts in zip(slots.tolist(), children, strict=True):
+        held[slot] = absorb(held[slot], combine(parts, own), own=own or len(parts) > 1)
+
+
+# --------------------------------------------------------------------------- cap
 
 
 def _capped(
-    pstate: PartitionState, g: str, base: int, bidx: I64, codes: I64, labels: list[str], metric: str,
-    dim: str, cap: int | None, result: FoldResult,
-) -> tuple[list[str], I64]:
-    """(labels, codes) after the cardinality cap; values not kept get the extra __other__ code."""
-    if cap is None:
-        return labels, codes
-    remap = _cap_remap(pstate, g, base, bidx, codes, labels, metric, dim, cap, result)
-    return [*labels, OTHER], remap[bidx, codes]
-
-
-def _cap_remap(
-    pstate: PartitionState, g: str, base: int, bidx: I64, codes: I64, labels: list[str], metric: str,
-    dim: str, cap: int, result: FoldResult,
+    pstate: PartitionState, g: str, metric: Metric, dim: str, cap: int, starts: I64, glids: I64,
+    result: FoldResult,
 ) -> I64:
-    """Per bucket: code -> itself if the value is kept under the cap, else the __other__ code.
+    """Label ids after the cardinality cap: values not kept get the __other__ id.
 
-    Values are admitted in ascending hash order so a batch evicts as little as possible;
-    a value that was kept before and is pushed out now has its state moved to __other__.
+    Per (bucket, metric, dimension) the kept set is the `cap` values of smallest
+    (hash, value) among all values seen, whatever the arrival order; a value that was kept
+    and is pushed out by a smaller hash has its state moved into __other__.
     """
-    other = len(labels)
-    nb = int(bidx.max()) + 1
-    remap = np.full((nb, other + 1), other, dtype=np.int64)
-    remap[:, other] = other
-    span = SPAN[g]
-    pair = np.unique(bidx * (other + 1) + codes)
-    for b in np.unique(pair // (other + 1)).tolist():
-        present = (pair[(pair // (other + 1)) == b] % (other + 1)).tolist()
-        scope: CapScope = (g, base + b * span, metric, dim)
-        kept = pstate.kept.get(scope)
-        if kept is None:
-            kept = pstate.kept[scope] = KeptSet(cap)
-        members = kept.members
-        newcomers = [c for c in present if labels[c] not in members]
-        if newcomers:
-            for c in sorted(newcomers, key=lambda c: (cap_hash(labels[c]), labels[c])):
-                admitted, evicted = kept.admit(labels[c])
-                if not admitted:
-                    break  # ascending hashes: every later newcomer is rejected too
-                if evicted is not None:
-                    _evict(pstate, scope, evicted, result)
-            members = kept.members
-        row = remap[b]
-        for c in present:
-            if labels[c] in members:
-                row[c] = c
-    return remap
-
-
-def _evict(pstate: PartitionState, scope: CapScope, value: str, result: FoldResult) -> None:
-    """Move a value pushed out by the cap into the scope's __other__ state."""
-    old_key: Key = (*scope, value)
-    old = pstate.states.get(old_key)
-    if old is None:
-        return
-    pstate.remove(old_key)
-    other_key: Key = (*scope, OTHER)
-    other = pstate.states.get(other_key)
-    if other is None:
-        pstate.put(other_key, old)
-    else:
-        other.merge_in(old)
-    result.changed.add(other_key)
-    result.changed.discard(old_key)
-    result.removed.add(old_key)
-
-
-def _drop_applied(
-    pstate: PartitionState, grp: _Groups, metric: str, dim: str, result: FoldResult,
-) -> tuple[_Groups, bool]:
-    """Remove rows at or below their key's applied offset (re-delivered events)."""
-    present = np.unique(grp.gid)
-    applied = np.full(present.size, -1, dtype=np.int64)
-    for j, g in enumerate(present.tolist()):
-        state = pstate.states.get(grp.key(g, metric, dim))
-        if state is not None:
-            applied[j] = state.applied_offset
-    keep = grp.offs > applied[np.searchsorted(present, grp.gid)]
-    if keep.all():
-        return grp, False
-    result.rows_skipped += int((~keep).sum())
-    return _Groups(grp.granularity, grp.base, grp.ncodes, grp.labels, grp.gid[keep], grp.vals[keep],
-                   grp.offs[keep]), True
-
-
-def _digests_by_group(grp: _Groups) -> dict[int, Any]:
-    """One digest per group, each fed with a single `batch_update` of its values."""
-    order = np.argsort(grp.gid, kind="stable")
-    sorted_gid = grp.gid[order]
-    sorted_vals = grp.vals[order]
-    cut = np.flatnonzero(np.diff(sorted_gid)) + 1
-    starts = np.concatenate(([0], cut))
-    ends = np.concatenate((cut, [sorted_gid.size]))
-    out: dict[int, Any] = {}
-    for g, a, b in zip(sorted_gid[starts].tolist(), starts.tolist(), ends.tolist(), strict=True):
-        digest = new_digest()
-        digest.batch_update(sorted_vals[a:b])
-        out[g] = digest
+    interner = pstate.interner(dim)
+    other = interner.one(OTHER)
+    hashes: I64 | None = None
+    out = glids.copy()
+    bucket_list = np.unique(starts)
+    for b in bucket_list.tolist():
+        rows = None if bucket_list.size == 1 else np.flatnonzero(starts == b)
+        ids = glids if rows is None else glids[rows]
+        scope: CapScope = (g, b, metric.name, dim)
+        old = pstate.kept.get(scope)
+        present = np.unique(ids)
+        present = present[present != other]
+        newcomers = present if old is None else present[~np.isin(present, old)]
+        if newcomers.size:
+            cand = newcomers if old is None else np.concatenate((old, newcomers))
+            if cand.size > cap:
+                if hashes is None:
+                    hashes = interner.hashes()
+                kept = _smallest(cand, hashes[cand], cap, interner.labels)
+                if old is not None:
+                    gone = old[~np.isin(old, kept)]
+                    if gone.size:
+                        _evict(pstate, pstate.table(g, metric.name, dim), b, gone, other, result)
+            else:
+                kept = cand
+            pstate.kept[scope] = kept
+            old = kept
+        mapped = np.where(np.isin(ids, old), ids, other) if old is not None else np.full(ids.size, other)
+        if rows is None:
+            out = mapped
+        else:
+            out[rows] = mapped
     return out
 
 
-def _apply(
-    pstate: PartitionState, gran: str, base: int, ncode: int, labels: list[str], metric: Metric, dim: str,
-    ids: I64, agg: _Agg, digests: dict[int, Any] | None, result: FoldResult,
+def _smallest(cand: I64, hashes: I64, k: int, labels: list[str]) -> I64:
+    """The k ids of smallest (hash, value)."""
+    order = np.argsort(hashes, kind="stable")
+    sh = hashes[order]
+    if np.unique(sh).size != sh.size:  # a 60-bit tie: order those by value, as the SQL does
+        order = np.asarray(sorted(order.tolist(), key=lambda i: (int(hashes[i]), labels[int(cand[i])])))
+    return cand[order[:k]]
+
+
+def _evict(pstate: PartitionState, table: StateTable, bucket: int, gone: I64, other: int,
+           result: FoldResult) -> None:
+    """Move the states of values pushed out by the cap into the bucket's __other__ state."""
+    q = composite(bucket, gone)
+    slots = table.lookup(q)
+    has = slots >= 0
+    if not has.any():
+        return
+    q, slots = q[has], slots[has]
+    oslots, _ = table.ensure(np.array([composite(bucket, other)], dtype=np.int64))
+    o = int(oslots[0])
+    table.add(oslots, np.array([table.count[slots].sum()]), np.array([table.total[slots].sum()]),
+              np.array([table.lo[slots].min()]), np.array([table.hi[slots].max()]),
+              np.array([table.applied[slots].max()]))
+    if table.with_digest:
+        parts = [table.digests[s] for s in slots.tolist() if table.digests[s] is not None]
+        if parts:  # the evicted states are dropped: their samples may be taken as they are
+            table.digests[o] = absorb(table.digests[o], combine(parts, own=True), own=True)
+    keys = pstate._keys(table, q)
+    table.delete(q)
+    pstate.removed.update(keys)
+    result.removed.update(keys)
+    result.touched.append((table, np.array([composite(bucket, other)], dtype=np.int64)))
+
+
+# --------------------------------------------------------------------------- re-delivery
+
+
+def _fold_rows_checked(
+    pstate: PartitionState, lc: LevelColumns, codes: I64, lids: I64, metric: Metric, dim: str,
+    result: FoldResult,
 ) -> None:
-    """Merge each group's aggregate into its state (a new key takes the group's digest as is)."""
-    span = SPAN[gran]
-    name = metric.name
-    states = pstate.states
-    changed = result.changed
-    by_bucket = pstate.by_bucket
-    with_digest = metric.digest
-    for g, c, s, lo, hi, off in zip(ids.tolist(), agg.count.tolist(), agg.total.tolist(), agg.lo.tolist(),
-                                    agg.hi.tolist(), agg.top.tolist(), strict=True):
-        bucket = base + (g // ncode) * span
-        key: Key = (gran, bucket, name, dim, labels[g % ncode])
-        state = states.get(key)
-        if state is None:
-            digest = digests[g] if digests is not None else (new_digest() if with_digest else None)
-            states[key] = AggState(c, s, lo, hi, digest, off)
-            keys = by_bucket.get((gran, bucket))
-            if keys is None:
-                keys = by_bucket[(gran, bucket)] = set()
-            keys.add(key)
-        else:
-            state.count += c
-            state.sum += s
-            if lo < state.min:
-                state.min = lo
-            if hi > state.max:
-                state.max = hi
-            if off > state.applied_offset:
-                state.applied_offset = off
-            if digests is not None and state.digest is not None:
-                state.digest.merge_inplace(digests[g])
-        changed.add(key)
-        result.rows_folded += c
+    """The re-delivery path: rows already applied to their key are dropped, per granularity."""
+    vals = lc.values[metric.name]
+    rows = np.flatnonzero((codes >= 0) & ~np.isnan(vals))
+    if rows.size == 0:
+        return
+    vals, offs, row_lids = vals[rows], lc.offsets[rows], lids[codes[rows]]
+    cap = pstate.registry.cap(dim)
+    for g in GRANULARITIES:
+        starts = lc.starts(g)[rows]
+        glids = _capped(pstate, g, metric, dim, cap, starts, row_lids, result) if cap is not None else row_lids
+        q = composite(starts, glids)
+        table = pstate.table(g, metric.name, dim)
+        slots = table.lookup(q)
+        applied = np.where(slots >= 0, table.applied[np.maximum(slots, 0)], -1)
+        keep = offs > applied
+        if not keep.all():
+            result.rows_skipped += int((~keep).sum())
+            if not keep.any():
+                continue
+        kq, kv, ko = q[keep], vals[keep], offs[keep]
+        order = np.argsort(kq, kind="stable")
+        sq = kq[order]
+        bounds = np.concatenate(([0], np.flatnonzero(np.diff(sq)) + 1))
+        agg = _group_agg(kv[order], ko[order], bounds)
+        digests = _group_samples(kv[order], bounds) if metric.digest else None
+        _apply(table, sq[bounds], agg, None if digests is None else [[d] for d in digests], own=True,
+               result=result)
 
 
 def fold_events(

@@ -90,9 +90,7 @@ class PartitionContext:
     watermark: Watermark
     next_offset: int = 0
     base_offset: int | None = None  # next_offset as last persisted (fencing)
-    changed: set[Key] = field(default_factory=set)
-    removed: set[Key] = field(default_factory=set)
-    dirty: bool = False
+    dirty: bool = False  # offsets / watermark moved since the last flush (states track their own)
 
 
 def _policy(config: Config) -> WatermarkPolicy:
@@ -233,13 +231,9 @@ class Processor:
         for key, state in loaded.items():
             ctx.pstate.put(key, state)
         for bucket in prep.missing:  # mark as resident even when nothing was stored
-            ctx.pstate.by_bucket.setdefault(bucket, set())
+            ctx.pstate.mark_resident(bucket)
         if prep.cols is not None:
-            result = fold(ctx.pstate, prep.cols)
-            ctx.changed |= result.changed
-            ctx.changed -= result.removed
-            ctx.removed |= result.removed
-            ctx.removed -= result.changed
+            fold(ctx.pstate, prep.cols)
             ts_max = float(prep.cols.ts.max())
             ctx.watermark.max_event_time = max(ctx.watermark.max_event_time, ts_max)
             ctx.watermark.last_event_wall = self.clock()
@@ -277,7 +271,7 @@ class Processor:
         return sorted(b for b in ctx.pstate.buckets if ctx.watermark.is_closed(b[1] + SPAN[b[0]], now))
 
     def has_work(self, now: float) -> bool:
-        return any(c.dirty or c.changed or c.removed or self.closed_buckets(c, now)
+        return any(c.dirty or c.pstate.has_changes() or self.closed_buckets(c, now)
                    for c in self.contexts.values()) or bool(self.traces)
 
     def snapshot(self) -> Snapshot:
@@ -293,21 +287,23 @@ class Processor:
         closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
         parts: list[PartitionFlush] = []
         changed_by: dict[int, tuple[set[Key], set[Key]]] = {}
+        views: dict[tuple[int, BucketId], list[tuple[str, str, str, AggState]]] = {}
         for p, ctx in self.contexts.items():
-            if not (ctx.dirty or ctx.changed or ctx.removed):
+            changed, removed = ctx.pstate.take_changes()
+            if not (ctx.dirty or changed or removed):
                 continue
-            touched = sorted({(k[0], k[1]) for k in ctx.changed | ctx.removed})
+            touched = sorted({(k[0], k[1]) for k in changed | removed})
             blobs = []
-            for g, b in touched:
-                keys = ctx.pstate.by_bucket.get((g, b), set())
-                blobs.append((g, b, encode_bucket((k[2], k[3], k[4], ctx.pstate.states[k]) for k in keys), len(keys)))
+            for bucket in touched:
+                items = views[(p, bucket)] = list(ctx.pstate.bucket_states(bucket))
+                blobs.append((bucket[0], bucket[1], encode_bucket(items), len(items)))
             parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
-                                        ctx.base_offset, blobs, sorted(ctx.changed | ctx.removed)))
-            changed_by[p] = (ctx.changed, ctx.removed)
-            ctx.changed, ctx.removed, ctx.dirty = set(), set(), False
+                                        ctx.base_offset, blobs, sorted(changed | removed)))
+            changed_by[p] = (changed, removed)
+            ctx.dirty = False
         payload = None
         if parts or self.traces:
-            memory, resident, complete, ready = self._held_states(parts)
+            memory, resident, complete, ready = self._held_states(parts, views)
             payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, memory=memory,
                                    resident=resident, complete=complete, ready=ready)
         snap = Snapshot(payload, closing, changed_by, self.unacked, self.pending_events, now)
@@ -324,7 +320,7 @@ class Processor:
             ctx = self.contexts.get(p)
             if ctx is None:
                 continue
-            busy = {(k[0], k[1]) for k in ctx.changed | ctx.removed}
+            busy = ctx.pstate.dirty_buckets()
             for b in buckets:
                 if b not in busy:  # folded into again since the snapshot: close it next time
                     ctx.pstate.evict_bucket(b)
@@ -337,9 +333,7 @@ class Processor:
             ctx = self.contexts.get(p)
             if ctx is None:
                 continue
-            ctx.changed |= changed
-            ctx.removed |= removed
-            ctx.changed -= ctx.removed
+            ctx.pstate.restore_changes(changed, removed)
             ctx.dirty = True
         if snap.payload is not None:
             self.traces = snap.payload.traces + self.traces
@@ -383,32 +377,42 @@ class Processor:
             seen[(g, b)] = seen.get((g, b), 0) + 1
         return {bucket for bucket, count in seen.items() if count >= n}
 
-    def _held_states(self, parts: list[PartitionFlush]) -> tuple[
-            dict[Key, list[Any]], list[tuple[str, int, int]], set[tuple[str, int]], dict[Key, Any]]:
+    def _held_states(
+        self, parts: list[PartitionFlush], views: dict[tuple[int, BucketId], list[tuple[str, str, str, AggState]]],
+    ) -> tuple[dict[Key, list[Any]], list[tuple[str, int, int]], set[tuple[str, int]], dict[Key, Any]]:
         """What the merge of the changed keys needs from memory.
 
         For buckets held for every partition of the topic the rows are merged right here
         (values only, nothing shared with the live states); for the others, copies of this
         worker's states go along and the writer adds the other partitions' from PostgreSQL.
+        `views` has the states the snapshot already read out, per (partition, bucket).
         """
         changed: set[Key] = set()
         for part in parts:
             changed.update(part.changed)
-        buckets = {(k[0], k[1]) for k in changed}
+        buckets = sorted({(k[0], k[1]) for k in changed})
         resident = [(g, b, p) for p, ctx in self.contexts.items() for g, b in buckets
-                    if (g, b) in ctx.pstate.by_bucket]
+                    if (g, b) in ctx.pstate.resident]
         complete = self._complete_buckets(resident)
-        ctxs = sorted(self.contexts.items())
+        held: dict[Key, list[tuple[int, AggState]]] = {}
+        for g, b, p in sorted(resident, key=lambda r: r[2]):
+            items = views.get((p, (g, b)))
+            if items is None:
+                items = list(self.contexts[p].pstate.bucket_states((g, b)))
+            for m, d, v, state in items:
+                key = (g, b, m, d, v)
+                if key in changed:
+                    held.setdefault(key, []).append((p, state))
         memory: dict[Key, list[Any]] = {}
         ready: dict[Key, Any] = {}
         for key in changed:
-            held = [(p, live) for p, live in ((p, c.pstate.states.get(key)) for p, c in ctxs) if live is not None]
+            mine = held.get(key, [])
             if (key[0], key[1]) in complete:
-                states = [s for _, s in held]
+                states = [s for _, s in mine]
                 merged = states[0] if len(states) == 1 else AggState.merge_many(states, key[2] in self._digests)
                 ready[key] = MergedRow(key, merged).values() if states else None
-            elif held:
-                memory[key] = [(p, s.copy()) for p, s in held]
+            elif mine:
+                memory[key] = [(p, s.copy()) for p, s in mine]
         return memory, resident, complete, ready
 
     def _update_gauges(self, now: float) -> None:

@@ -1,0 +1,209 @@
+"""Every state of one source partition: one `StateTable` per (granularity, metric, dimension).
+
+Key = (granularity, bucket_start, metric, dimension_type, dimension_value) is the
+outside view (flush, replay, tests); inside, states live in columns (`state_table`), and
+`AggState` objects are made only when someone asks for a key (`get`, `bucket_states`,
+`states`). Changes are tracked as dirty marks in the tables and turned into keys once per
+flush (`take_changes`), not once per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stream_agg.core.aggstate import AggState
+from stream_agg.core.registry import OTHER, Registry
+from stream_agg.core.sample import to_digest
+from stream_agg.core.state_table import I64, LABEL_MASK, Interner, StateTable, bucket_of, composite
+
+Key = tuple[str, int, str, str, str]
+BucketId = tuple[str, int]
+TableId = tuple[str, str, str]  # (granularity, metric, dimension)
+CapScope = tuple[str, int, str, str]  # (granularity, bucket_start, metric, dimension_type)
+
+
+@dataclass
+class PartitionState:
+    """The states of one partition, plus the kept value sets of capped dimensions."""
+
+    registry: Registry
+    tables: dict[TableId, StateTable] = field(default_factory=dict)
+    interners: dict[str, Interner] = field(default_factory=dict)
+    kept: dict[CapScope, I64] = field(default_factory=dict)  # label ids kept under the cap
+    resident: set[BucketId] = field(default_factory=set)  # buckets loaded / folded into
+    removed: set[Key] = field(default_factory=set)  # pushed into __other__ since take_changes
+    max_applied: int = -1  # highest applied_offset of any state here
+
+    def __post_init__(self) -> None:
+        self._digest = {m.name: m.digest for m in self.registry.metrics}
+
+    # ------------------------------------------------------------------ structure
+
+    def interner(self, dimension: str) -> Interner:
+        it = self.interners.get(dimension)
+        if it is None:
+            it = self.interners[dimension] = Interner()
+        return it
+
+    def table(self, granularity: str, metric: str, dimension: str) -> StateTable:
+        tid = (granularity, metric, dimension)
+        t = self.tables.get(tid)
+        if t is None:
+            t = self.tables[tid] = StateTable(granularity, metric, dimension, self._digest.get(metric, False))
+        return t
+
+    @property
+    def buckets(self) -> set[BucketId]:
+        return set(self.resident)
+
+    def mark_resident(self, bucket: BucketId) -> None:
+        self.resident.add(bucket)
+
+    # ------------------------------------------------------------------ keys <-> states
+
+    def _locate(self, key: Key) -> tuple[StateTable, int] | None:
+        t = self.tables.get((key[0], key[2], key[3]))
+        it = self.interners.get(key[3])
+        if t is None or it is None:
+            return None
+        lid = it.ids.get(key[4])
+        if lid is None:
+            return None
+        slot = int(t.lookup(np.array([composite(key[1], lid)], dtype=np.int64))[0])
+        return None if slot < 0 else (t, slot)
+
+    @staticmethod
+    def _state(t: StateTable, slot: int) -> AggState:
+        return AggState(int(t.count[slot]), float(t.total[slot]), float(t.lo[slot]), float(t.hi[slot]),
+                        to_digest(t.digests[slot]), int(t.applied[slot]))
+
+    def get(self, key: Key) -> AggState | None:
+        """The state of `key` (a new AggState sharing the live digest: copy before changing it)."""
+        found = self._locate(key)
+        return None if found is None else self._state(*found)
+
+    def put(self, key: Key, state: AggState) -> None:
+        """Install a state (e.g. loaded from storage), replacing any held for the key."""
+        g, bucket, metric, dim, value = key
+        t = self.table(g, metric, dim)
+        lid = self.interner(dim).one(value)
+        q = np.array([composite(bucket, lid)], dtype=np.int64)
+        t.delete(q)
+        slots, _ = t.ensure(q)
+        s = int(slots[0])
+        t.count[s], t.total[s], t.lo[s], t.hi[s] = state.count, state.sum, state.min, state.max
+        t.applied[s] = state.applied_offset
+        t.digests[s] = state.digest
+        self.resident.add((g, bucket))
+        self.max_applied = max(self.max_applied, state.applied_offset)
+        if self.registry.cap(dim) is not None and value != OTHER:
+            scope: CapScope = (g, bucket, metric, dim)
+            have = self.kept.get(scope)
+            if have is None:
+                self.kept[scope] = np.array([lid], dtype=np.int64)
+            elif not (have == lid).any():
+                self.kept[scope] = np.append(have, lid)
+
+    def _keys(self, t: StateTable, comps: I64) -> list[Key]:
+        labels = self.interners[t.dimension].labels
+        g, m, d = t.granularity, t.metric, t.dimension
+        return [(g, b, m, d, labels[lid]) for b, lid in
+                zip(bucket_of(comps).tolist(), (comps & LABEL_MASK).tolist(), strict=True)]
+
+    def bucket_states(self, bucket: BucketId) -> Iterator[tuple[str, str, str, AggState]]:
+        """(metric, dimension, value, state) of every key of one bucket (states share digests)."""
+        g, b = bucket
+        for (tg, metric, dim), t in self.tables.items():
+            if tg != g:
+                continue
+            rng = t.bucket_range(b)
+            if rng.start == rng.stop:
+                continue
+            labels = self.interners[dim].labels
+            for comp, slot in zip(t.keys[rng].tolist(), t.slots[rng].tolist(), strict=True):
+                yield metric, dim, labels[comp & LABEL_MASK], self._state(t, slot)
+
+    def keys_of(self, bucket: BucketId) -> set[Key]:
+        return {(bucket[0], bucket[1], m, d, v) for m, d, v, _ in self.bucket_states(bucket)}
+
+    @property
+    def states(self) -> dict[Key, AggState]:
+        """Every state as a dict (for tests, replay and tools; the fold never uses this)."""
+        out: dict[Key, AggState] = {}
+        for t in self.tables.values():
+            for key, slot in zip(self._keys(t, t.keys), t.slots.tolist(), strict=True):
+                out[key] = self._state(t, slot)
+        return out
+
+    def __len__(self) -> int:
+        return sum(len(t) for t in self.tables.values())
+
+    # ------------------------------------------------------------------ changes
+
+    def take_changes(self) -> tuple[set[Key], set[Key]]:
+        """(changed, removed) keys since the last call; clears the marks."""
+        changed: set[Key] = set()
+        for t in self.tables.values():
+            slots = t.take_dirty()
+            if slots.size:
+                changed.update(self._keys(t, t.slot_key[slots]))
+        removed = self.removed - changed
+        self.removed = set()
+        return changed, removed
+
+    def restore_changes(self, changed: set[Key], removed: set[Key]) -> None:
+        """Put changes taken by `take_changes` back (a flush that failed)."""
+        for key in changed:
+            found = self._locate(key)
+            if found is not None:
+                found[0].mark_dirty(np.array([found[1]], dtype=np.int64))
+        self.removed |= {k for k in removed if self._locate(k) is None}
+
+    def has_changes(self) -> bool:
+        return bool(self.removed) or any(t.any_dirty for t in self.tables.values())
+
+    def dirty_buckets(self) -> set[BucketId]:
+        """Buckets with changes not yet taken."""
+        out = {(k[0], k[1]) for k in self.removed}
+        for t in self.tables.values():
+            if t.any_dirty:
+                slots = np.flatnonzero(t.dirty[: t.used])
+                out.update((t.granularity, int(b)) for b in np.unique(bucket_of(t.slot_key[slots])).tolist())
+        return out
+
+    # ------------------------------------------------------------------ eviction
+
+    def evict_bucket(self, bucket: BucketId) -> int:
+        """Drop a bucket from memory (after its final flush); returns states dropped."""
+        g, b = bucket
+        self.resident.discard(bucket)
+        dropped = sum(t.evict_bucket(b) for (tg, _, _), t in self.tables.items() if tg == g)
+        for scope in [s for s in self.kept if s[:2] == bucket]:
+            del self.kept[scope]
+        if not self.resident:  # nothing held: every value id is dead
+            self.tables.clear()
+            self.interners.clear()
+            self.kept.clear()
+        else:
+            self._compact()
+        return dropped
+
+    def _compact(self) -> None:
+        """Renumber value ids of dimensions whose interner holds mostly dead values."""
+        for dim, it in self.interners.items():
+            if len(it) < 65536:
+                continue
+            tables = [t for (_, _, d), t in self.tables.items() if d == dim]
+            live_parts = [t.keys & LABEL_MASK for t in tables]
+            live_parts += [v for s, v in self.kept.items() if s[3] == dim]
+            live = np.unique(np.concatenate(live_parts)) if live_parts else np.empty(0, dtype=np.int64)
+            remap = it.compact(live)
+            if remap is None:
+                continue
+            for t in tables:
+                t.relabel(remap)
+            for s in [s for s in self.kept if s[3] == dim]:
+                self.kept[s] = remap[self.kept[s]]
