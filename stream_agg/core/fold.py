@@ -356,7 +356,9 @@ def _fold_dimension(
         if digests is not None and not every:
             digests = [d for d, k in zip(digests, present.tolist(), strict=True) if k]
         glids = raw_lids if every else raw_lids[present]
-        for g in GRANULARITIES:
+        # Coarsest first: week and day only read the (hour, value) samples; the hour states
+        # come last because they take those samples as their own and may change them.
+        for g in reversed(GRANULARITIES):
             starts = parents[g] if every else parents[g][present]
             _fold_groups(pstate, g, metric, dim, starts, glids, agg, digests, result)
 

@@ -11,10 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 
 import numpy as np
 
-from stream_agg.core.aggstate import AggState
+from stream_agg.core.aggstate import (
+    DIGEST_SAMPLE,
+    NO_SAMPLE,
+    VALUES_SAMPLE,
+    AggState,
+    encode_bucket_bytes,
+    pack_headers,
+)
 from stream_agg.core.registry import OTHER, Registry
 from stream_agg.core.sample import to_digest
 from stream_agg.core.state_table import I64, LABEL_MASK, Interner, StateTable, bucket_of, composite
@@ -126,6 +134,37 @@ class PartitionState:
             for comp, slot in zip(t.keys[rng].tolist(), t.slots[rng].tolist(), strict=True):
                 yield metric, dim, labels[comp & LABEL_MASK], self._state(t, slot)
 
+    def encode_bucket(self, bucket: BucketId) -> tuple[bytes, int]:
+        """The bucket's blob (as `aggstate.encode_bucket` writes it) and its number of states.
+
+        Headers are packed for a whole table at once and small samples are written as
+        their values, so no AggState or digest is made per key on the folding thread.
+        """
+        g, b = bucket
+        items: list[tuple[str, str, str, bytes]] = []
+        for (tg, metric, dim), t in self.tables.items():
+            if tg != g:
+                continue
+            rng = t.bucket_range(b)
+            if rng.start == rng.stop:
+                continue
+            slots = t.slots[rng]
+            labels = self.interners[dim].labels
+            names = [labels[lid] for lid in (t.keys[rng] & LABEL_MASK).tolist()]
+            samples = [t.digests[s] for s in slots.tolist()] if t.with_digest else None
+            if samples is None:
+                kinds = np.zeros(slots.size, dtype=np.uint8)
+            else:
+                kinds = np.fromiter((NO_SAMPLE if x is None else VALUES_SAMPLE if isinstance(x, np.ndarray)
+                                     else DIGEST_SAMPLE for x in samples), dtype=np.uint8, count=slots.size)
+            heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots], kinds)
+            if samples is None:
+                items.extend(zip(repeat(metric), repeat(dim), names, heads))
+            else:
+                items.extend((metric, dim, name, head + _sample_bytes(x))
+                             for name, head, x in zip(names, heads, samples, strict=True))
+        return encode_bucket_bytes(items), len(items)
+
     def keys_of(self, bucket: BucketId) -> set[Key]:
         return {(bucket[0], bucket[1], m, d, v) for m, d, v, _ in self.bucket_states(bucket)}
 
@@ -207,3 +246,11 @@ class PartitionState:
                 t.relabel(remap)
             for s in [s for s in self.kept if s[3] == dim]:
                 self.kept[s] = remap[self.kept[s]]
+
+
+def _sample_bytes(sample: object) -> bytes:
+    if sample is None:
+        return b""
+    if isinstance(sample, np.ndarray):
+        return sample.astype("<f8", copy=False).tobytes()
+    return sample.to_bytes()  # type: ignore[attr-defined]

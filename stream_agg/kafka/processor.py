@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 
 from stream_agg.config import Config
-from stream_agg.core.aggstate import AggState, encode_bucket
 from stream_agg.core.buckets import GRANULARITIES, SPAN
 from stream_agg.core.fold import BucketId, Columns, Key, PartitionState, event_times, fold, to_columns
+from stream_agg.core.merged_rows import merged_rows
 from stream_agg.core.registry import Registry
 from stream_agg.core.watermark import Watermark, WatermarkPolicy
 from stream_agg.events import TraceEvent, decode_message, encode_event
 from stream_agg.observability import Metrics
-from stream_agg.store.stream_state import FlushPayload, FlushReport, MergedRow, PartitionFlush, StreamStore
+from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFlush, StreamStore
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,6 @@ class Processor:
         closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
         parts: list[PartitionFlush] = []
         changed_by: dict[int, tuple[set[Key], set[Key]]] = {}
-        views: dict[tuple[int, BucketId], list[tuple[str, str, str, AggState]]] = {}
         for p, ctx in self.contexts.items():
             changed, removed = ctx.pstate.take_changes()
             if not (ctx.dirty or changed or removed):
@@ -295,15 +294,15 @@ class Processor:
             touched = sorted({(k[0], k[1]) for k in changed | removed})
             blobs = []
             for bucket in touched:
-                items = views[(p, bucket)] = list(ctx.pstate.bucket_states(bucket))
-                blobs.append((bucket[0], bucket[1], encode_bucket(items), len(items)))
+                blob, nkeys = ctx.pstate.encode_bucket(bucket)
+                blobs.append((bucket[0], bucket[1], blob, nkeys))
             parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
                                         ctx.base_offset, blobs, sorted(changed | removed)))
             changed_by[p] = (changed, removed)
             ctx.dirty = False
         payload = None
         if parts or self.traces:
-            memory, resident, complete, ready = self._held_states(parts, views)
+            memory, resident, complete, ready = self._held_states(parts)
             payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, memory=memory,
                                    resident=resident, complete=complete, ready=ready)
         snap = Snapshot(payload, closing, changed_by, self.unacked, self.pending_events, now)
@@ -377,15 +376,14 @@ class Processor:
             seen[(g, b)] = seen.get((g, b), 0) + 1
         return {bucket for bucket, count in seen.items() if count >= n}
 
-    def _held_states(
-        self, parts: list[PartitionFlush], views: dict[tuple[int, BucketId], list[tuple[str, str, str, AggState]]],
-    ) -> tuple[dict[Key, list[Any]], list[tuple[str, int, int]], set[tuple[str, int]], dict[Key, Any]]:
+    def _held_states(self, parts: list[PartitionFlush]) -> tuple[
+            dict[Key, list[Any]], list[tuple[str, int, int]], set[tuple[str, int]], dict[Key, Any]]:
         """What the merge of the changed keys needs from memory.
 
-        For buckets held for every partition of the topic the rows are merged right here
-        (values only, nothing shared with the live states); for the others, copies of this
-        worker's states go along and the writer adds the other partitions' from PostgreSQL.
-        `views` has the states the snapshot already read out, per (partition, bucket).
+        For buckets held for every partition of the topic the rows are merged right here,
+        vectorised (`merged_rows`; values only, nothing shared with the live states); for
+        the others, copies of this worker's states go along and the writer adds the other
+        partitions' from PostgreSQL.
         """
         changed: set[Key] = set()
         for part in parts:
@@ -394,25 +392,24 @@ class Processor:
         resident = [(g, b, p) for p, ctx in self.contexts.items() for g, b in buckets
                     if (g, b) in ctx.pstate.resident]
         complete = self._complete_buckets(resident)
-        held: dict[Key, list[tuple[int, AggState]]] = {}
-        for g, b, p in sorted(resident, key=lambda r: r[2]):
-            items = views.get((p, (g, b)))
-            if items is None:
-                items = list(self.contexts[p].pstate.bucket_states((g, b)))
-            for m, d, v, state in items:
-                key = (g, b, m, d, v)
-                if key in changed:
-                    held.setdefault(key, []).append((p, state))
-        memory: dict[Key, list[Any]] = {}
+        ctxs = sorted(self.contexts.items())
         ready: dict[Key, Any] = {}
-        for key in changed:
-            mine = held.get(key, [])
-            if (key[0], key[1]) in complete:
-                states = [s for _, s in mine]
-                merged = states[0] if len(states) == 1 else AggState.merge_many(states, key[2] in self._digests)
-                ready[key] = MergedRow(key, merged).values() if states else None
-            elif mine:
-                memory[key] = [(p, s.copy()) for p, s in mine]
+        if complete:
+            ready = merged_rows([c.pstate for _, c in ctxs], sorted(complete))
+            for key in changed:  # no partial left anywhere (pushed into __other__): delete the row
+                if (key[0], key[1]) in complete and key not in ready:
+                    ready[key] = None
+        memory: dict[Key, list[Any]] = {}
+        for g, b in buckets:
+            if (g, b) in complete:
+                continue
+            for p, ctx in ctxs:
+                if (g, b) not in ctx.pstate.resident:
+                    continue
+                for m, d, v, state in ctx.pstate.bucket_states((g, b)):
+                    key = (g, b, m, d, v)
+                    if key in changed:
+                        memory.setdefault(key, []).append((p, state.copy()))
         return memory, resident, complete, ready
 
     def _update_gauges(self, now: float) -> None:

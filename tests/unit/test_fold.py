@@ -127,3 +127,14 @@ def test_null_dimensions_and_values_are_skipped() -> None:
     n_user = sum(e.user_id is not None for e in events)
     wk_user = [s for k, s in ps.states.items() if k[0] == "week" and k[2] == "trace.duration_ms" and k[3] == "user"]
     assert sum(s.count for s in wk_user) == n_user
+
+
+def test_small_then_large_batches_keep_every_granularity_exact() -> None:
+    """An hour state held as exact values, then a batch big enough to bring a digest: the hour
+    takes that digest as its own, and day / week must see each value once."""
+    events = make_events(900, seed=8, hours=0.5)
+    reg = default_registry()
+    ps = PartitionState(reg)
+    fold_events(ps, events[:60], np.arange(60))
+    fold_events(ps, events[60:], np.arange(60, 900))
+    _assert_matches(ps.states, reference_values(events, reg))
