@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+import zlib
 from collections.abc import Iterable
 
 import msgspec
@@ -229,7 +230,23 @@ def pack_headers(count: npt.NDArray[np.int64], total: npt.NDArray[np.float64], l
     return [buf[i:i + size] for i in range(0, len(buf), size)]
 
 
+# A stored blob is the msgpack array itself or, written by the stream, "Z" + zlib of it:
+# a bucket's samples compress ~3x at level 1, at ~130 MB/s on a thread that releases the
+# GIL, which is far cheaper than PostgreSQL TOAST-compressing (pglz) and WAL-logging the
+# raw bytes. A msgpack blob starts with 0x92 (a 2-array), so the prefix is unambiguous.
+_COMPRESSED = b"Z"
+
+
+def compress_blob(blob: bytes) -> bytes:
+    return _COMPRESSED + zlib.compress(blob, 1)
+
+
 def decode_bucket(data: bytes) -> list[tuple[str, str, str, AggState]]:
+    if data[:1] == _COMPRESSED:
+        try:
+            data = zlib.decompress(memoryview(data)[1:])
+        except zlib.error as exc:
+            raise UnknownVersionError(f"not a stream-agg bucket blob: {exc}") from None
     try:
         version, items = _BUCKET_DECODER.decode(data)
     except msgspec.DecodeError as exc:

@@ -10,7 +10,8 @@ digest metrics do per-key work, and only for their digest.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,9 @@ QUANTILES = (0.5, 0.95, 0.99)
 Row = tuple[Any, ...]  # the columns of metrics_aggregates the stream writes, in COPY order
 
 
-def merged_rows(pstates: Sequence[PartitionState], buckets: Iterable[BucketId]) -> dict[Key, Row]:
-    """Key -> merged row for every key of `buckets` held by any of `pstates`.
+def merged_rows(pstates: Sequence[PartitionState], buckets: Iterable[BucketId],
+                only: Container[Key] | None = None) -> dict[Key, Row]:
+    """Key -> merged row for every key of `buckets` held by any of `pstates` (and in `only`).
 
     `pstates` must be in partition order (digests merge in that order, so the same
     partials always give the same bytes). Nothing in the live states is changed.
@@ -43,7 +45,7 @@ def merged_rows(pstates: Sequence[PartitionState], buckets: Iterable[BucketId]) 
                 tids[tid] = None
     out: dict[Key, Row] = {}
     for tid in tids:
-        _table_rows(pstates, tid, sorted(wanted[tid[0]]), glob, trans, out)
+        _table_rows(pstates, tid, sorted(wanted[tid[0]]), glob, trans, out, only)
     return out
 
 
@@ -59,7 +61,8 @@ def _translation(ps_index: int, ps: PartitionState, dim: str, glob: dict[str, In
 
 
 def _table_rows(pstates: Sequence[PartitionState], tid: TableId, buckets: list[int],
-                glob: dict[str, Interner], trans: dict[tuple[int, str], I64], out: dict[Key, Row]) -> None:
+                glob: dict[str, Interner], trans: dict[tuple[int, str], I64], out: dict[Key, Row],
+                only: Container[Key] | None) -> None:
     g, metric, dim = tid
     comps: list[I64] = []
     cols: list[tuple[I64, Any, Any, Any, I64]] = []
@@ -84,19 +87,24 @@ def _table_rows(pstates: Sequence[PartitionState], tid: TableId, buckets: list[i
     allc = np.concatenate(comps)
     uq, inv = np.unique(allc, return_inverse=True)
     n = uq.size
+    labels = glob[dim].labels
+    hours = (uq >> LABEL_BITS).tolist()
+    names = [labels[lid] for lid in (uq & LABEL_MASK).tolist()]
+    wanted = None if only is None else [(g, h * HOUR, metric, dim, name) in only
+                                         for h, name in zip(hours, names, strict=True)]
     count = np.bincount(inv, weights=np.concatenate([c[0] for c in cols]), minlength=n).astype(np.int64)
     total = np.bincount(inv, weights=np.concatenate([c[1] for c in cols]), minlength=n)
     lo = np.full(n, math.inf)
     np.minimum.at(lo, inv, np.concatenate([c[2] for c in cols]))
     hi = np.full(n, -math.inf)
     np.maximum.at(hi, inv, np.concatenate([c[3] for c in cols]))
-    labels = glob[dim].labels
-    hours = (uq >> LABEL_BITS).tolist()
-    names = [labels[lid] for lid in (uq & LABEL_MASK).tolist()]
     times = {h: to_datetime(h * HOUR) for h in set(hours)}
     counts, totals, los, his = count.tolist(), total.tolist(), lo.tolist(), hi.tolist()
     if not with_digest:
-        for h, name, c, s, a, b in zip(hours, names, counts, totals, los, his, strict=True):
+        for h, name, c, s, a, b, w in zip(hours, names, counts, totals, los, his, wanted or repeat(True),
+                                          strict=False):
+            if not w:
+                continue
             out[(g, h * HOUR, metric, dim, name)] = (times[h], g, metric, dim, name, c, s, a, b,
                                                      s / c if c else None, None, None, None, None)
         return
@@ -104,7 +112,10 @@ def _table_rows(pstates: Sequence[PartitionState], tid: TableId, buckets: list[i
     for j, x in zip(inv.tolist(), samples, strict=True):
         if x is not None:
             groups[j].append(x)
-    for h, name, c, s, a, b, parts in zip(hours, names, counts, totals, los, his, groups, strict=True):
+    for h, name, c, s, a, b, parts, w in zip(hours, names, counts, totals, los, his, groups,
+                                             wanted or repeat(True), strict=False):
+        if not w:
+            continue
         digest = to_digest(combine(parts, own=False)) if parts else None
         if digest is None or c == 0 or digest.is_empty():
             qs: list[float | None] = [None, None, None]

@@ -45,6 +45,7 @@ class Snapshot:
     refs: list[Any]
     pending_events: int
     taken_at: float
+    seconds: float = 0.0  # spent taking it (on the folding thread)
 
 
 class PoisonedError(RuntimeError):
@@ -284,6 +285,7 @@ class Processor:
             raise PoisonedError("in-memory state is inconsistent after an internal error; not flushing it "
                                 "(a restart resumes from the last flush)")
         now = self.clock()
+        began = time.perf_counter()
         closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
         parts: list[PartitionFlush] = []
         changed_by: dict[int, tuple[set[Key], set[Key]]] = {}
@@ -297,7 +299,7 @@ class Processor:
                 blob, nkeys = ctx.pstate.encode_bucket(bucket)
                 blobs.append((bucket[0], bucket[1], blob, nkeys))
             parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
-                                        ctx.base_offset, blobs, sorted(changed | removed)))
+                                        ctx.base_offset, blobs, list(changed | removed)))
             changed_by[p] = (changed, removed)
             ctx.dirty = False
         payload = None
@@ -305,7 +307,8 @@ class Processor:
             memory, resident, complete, ready = self._held_states(parts)
             payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, memory=memory,
                                    resident=resident, complete=complete, ready=ready)
-        snap = Snapshot(payload, closing, changed_by, self.unacked, self.pending_events, now)
+        snap = Snapshot(payload, closing, changed_by, self.unacked, self.pending_events, now,
+                        time.perf_counter() - began)
         self.traces, self.spans, self.unacked, self.pending_events = [], [], [], 0
         return snap
 
@@ -351,9 +354,10 @@ class Processor:
         self.metrics.observe_run(seconds, snap.pending_events)
         self.metrics.rows_upserted.inc(report.rows)
         self.metrics.archived_traces.inc(report.traces)
-        log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs",
+        log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs (snapshot %.3fs %s)",
                  [p.partition for p in snap.payload.partitions], report.partials, report.rows, report.traces,
-                 snap.pending_events, seconds)
+                 snap.pending_events, seconds, snap.seconds,
+                 " ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()))
         return report
 
     def flush(self) -> tuple[FlushReport | None, list[Any]]:
@@ -395,7 +399,7 @@ class Processor:
         ctxs = sorted(self.contexts.items())
         ready: dict[Key, Any] = {}
         if complete:
-            ready = merged_rows([c.pstate for _, c in ctxs], sorted(complete))
+            ready = merged_rows([c.pstate for _, c in ctxs], sorted(complete), only=changed)
             for key in changed:  # no partial left anywhere (pushed into __other__): delete the row
                 if (key[0], key[1]) in complete and key not in ready:
                     ready[key] = None

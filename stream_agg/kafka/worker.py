@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 FOLD_BYTES = 16 << 20  # payload bytes folded per call: bounds decoded events in memory (~30k events)
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
+IDLE_AFTER = 1.0  # seconds without messages after which the consumer counts as caught up
 
 
 def _chunks(msgs: list[Message], limit: int) -> list[list[Message]]:
@@ -104,6 +105,7 @@ class WorkerShell:
         self.last_flush = time.monotonic()
         self.flush_task: asyncio.Future[bool] | None = None
         self.last_flush_seconds = 0.0
+        self.last_batch = time.monotonic()  # when the agent last handed over messages
         self.failures = 0
         self.stopping = False
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
@@ -188,6 +190,7 @@ class WorkerShell:
                 await self._handle(chunk)
 
     async def _handle(self, msgs: list[Message]) -> None:
+        self.last_batch = time.monotonic()
         outcome = await self._process(msgs)
         for rec in outcome.dlq:
             await self.dlq.send(value=rec.value, headers=rec.headers())
@@ -245,14 +248,17 @@ class WorkerShell:
         while not self.stopping:
             await asyncio.sleep(min(1.0, self.config.flush_interval / 2))
             self._update_lag()
-            if self.stopping or time.monotonic() - self.last_flush < self._next_delay():
+            idle = time.monotonic() - self.last_batch >= IDLE_AFTER
+            if self.stopping or time.monotonic() - self.last_flush < self._next_delay(idle):
                 continue
             if await self._run(self.processor.has_work, time.time()):
                 self._flush_soon("timer")
 
-    def _next_delay(self) -> float:
+    def _next_delay(self, idle: bool = False) -> float:
         if self.failures:
             return min(self.config.flush_interval * (2 ** self.failures), MAX_BACKOFF)
+        if idle:  # caught up: nothing to share the machine with, so no reason to wait longer
+            return self.config.flush_interval
         # Under load a flush rewrites every open bucket whatever the interval, so space
         # flushes at least twice their own duration apart: the writer never takes more
         # than about a third of the time, and rows are still at most a few flushes old.

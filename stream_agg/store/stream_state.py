@@ -21,6 +21,7 @@ One flush transaction, for all partitions this worker owns:
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -30,7 +31,7 @@ from typing import Any
 
 import psycopg
 
-from stream_agg.core.aggstate import AggState, decode_bucket, digest_to_bytes
+from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.fold import BucketId, Key
 from stream_agg.store.db import connect
@@ -93,6 +94,7 @@ class FlushReport:
     deleted_rows: int
     traces: int
     spans: int
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the flush log line
 
 
 @dataclass(frozen=True)
@@ -181,15 +183,28 @@ class StreamStore:
         """Write one flush atomically (see module docstring). Raises FencedError if stale."""
         try:
             conn = self.conn()
+            clock = time.perf_counter()
+            phases: dict[str, float] = {}
+
+            def lap(name: str) -> None:
+                nonlocal clock
+                now = time.perf_counter()
+                phases[name] = now - clock
+                clock = now
+
             with conn.transaction(), conn.cursor() as cur:
                 partials = self.write_partials(cur, payload.stream, [
                     (g, b, part.partition, blob, n, part.next_offset - 1)
                     for part in payload.partitions for g, b, blob, n in part.buckets])
+                lap("partials")
                 self._advance_offsets(cur, payload)
                 traces, spans = self._archive(cur, payload)
+                lap("archive")
                 rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
                                                  payload.resident, payload.complete, payload.ready)
-            return FlushReport(partials, rows, deleted, traces, spans)
+                lap("rows")
+            lap("commit")
+            return FlushReport(partials, rows, deleted, traces, spans, phases)
         except psycopg.Error:
             self._reset()
             raise
@@ -213,7 +228,7 @@ class StreamStore:
             "ON CONFLICT (stream, granularity, bucket_time, partition) DO UPDATE SET states = EXCLUDED.states, "
             "keys = EXCLUDED.keys, applied_offset = GREATEST(p.applied_offset, EXCLUDED.applied_offset), "
             f"updated_at = now() {guard}",
-            [(stream, g, _ts(b), part, blob, n, applied) for g, b, part, blob, n, applied in blobs])
+            [(stream, g, _ts(b), part, compress_blob(blob), n, applied) for g, b, part, blob, n, applied in blobs])
         return len(blobs)
 
     def _advance_offsets(self, cur: psycopg.Cursor, payload: FlushPayload) -> None:
@@ -276,31 +291,28 @@ class StreamStore:
         """
         if not keys:
             return 0, 0
-        for lock in sorted({bucket_lock_id(k[0], k[1]) for k in keys}):
+        buckets = {(k[0], k[1]) for k in keys}
+        for lock in sorted({bucket_lock_id(g, b) for g, b in buckets}):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
-        ordered = sorted(keys)
         done = complete or set()
         held = {(g, b, p) for g, b, p in (resident or [])}
-        wanted = sorted({(k[0], k[1]) for k in ordered if (k[0], k[1]) not in done})
+        wanted = sorted(b for b in buckets if b not in done)
         found: dict[Key, list[tuple[int, AggState]]] = defaultdict(list)
-        if memory:
-            for key in ordered:
-                mine = memory.get(key)
-                if mine:
-                    found[key].extend(mine)
+        for key, mine in (memory or {}).items():
+            if mine and key in keys:
+                found[key].extend(mine)
         if wanted:
-            keyset = set(ordered)
             wanted_set = set(wanted)
             skip = [r for r in held if (r[0], r[1]) in wanted_set]
             for (key, partition), state in read_bucket_states(cur, stream, wanted, skip=skip).items():
-                if key in keyset and (key[0], key[1], partition) not in held:
+                if key in keys and (key[0], key[1], partition) not in held:
                     found[key].append((partition, state))
         # merged in partition order, so the same partials always give the same bytes
         partials = {k: [s for _, s in sorted(v, key=lambda ps: ps[0])] for k, v in found.items()}
         done_rows = ready or {}
         rows = [MergedRow(k, _merge(states)).values() for k, states in partials.items() if k not in done_rows]
         rows += [values for values in done_rows.values() if values is not None]
-        gone = [k for k in ordered if k not in partials and done_rows.get(k) is None]
+        gone = sorted(k for k in keys if k not in partials and done_rows.get(k) is None)
         if rows:
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS tmp_rows (LIKE metrics_aggregates INCLUDING DEFAULTS) "
