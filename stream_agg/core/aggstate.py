@@ -241,7 +241,8 @@ def compress_blob(blob: bytes) -> bytes:
     return _COMPRESSED + zlib.compress(blob, 1)
 
 
-def decode_bucket(data: bytes) -> list[tuple[str, str, str, AggState]]:
+def decode_bucket_items(data: bytes) -> list[tuple[str, str, str, bytes]]:
+    """A blob's (metric, dimension, value, state bytes), states not yet parsed."""
     if data[:1] == _COMPRESSED:
         try:
             data = zlib.decompress(memoryview(data)[1:])
@@ -253,4 +254,27 @@ def decode_bucket(data: bytes) -> list[tuple[str, str, str, AggState]]:
         raise UnknownVersionError(f"not a stream-agg bucket blob: {exc}") from None
     if version != BUCKET_CODEC_VERSION:
         raise UnknownVersionError(f"bucket blob version {version} is not {BUCKET_CODEC_VERSION}")
-    return [(m, d, v, AggState.from_bytes(b)) for m, d, v, b in items]
+    return items
+
+
+def decode_bucket(data: bytes) -> list[tuple[str, str, str, AggState]]:
+    return [(m, d, v, AggState.from_bytes(b)) for m, d, v, b in decode_bucket_items(data)]
+
+
+def state_fields(data: bytes) -> tuple[int, float, float, float, int, object]:
+    """(count, sum, min, max, applied_offset, sample) of state bytes, where the sample is
+    None, a TDigest, or the exact values as a float64 array (kept as such by the stream)."""
+    if not data or data[0] != STATE_VERSION:
+        found = data[0] if data else None
+        raise UnknownVersionError(f"AggState format version {found} is not {STATE_VERSION}")
+    _, count, total, lo, hi, applied, kind = _HEADER.unpack_from(data)
+    sample: object
+    if kind == NO_SAMPLE:
+        sample = None
+    elif kind == DIGEST_SAMPLE:
+        sample = TDigest.from_bytes(bytes(data[_HEADER.size:]))
+    elif kind == VALUES_SAMPLE:
+        sample = np.frombuffer(data, dtype="<f8", offset=_HEADER.size).astype(np.float64)
+    else:
+        raise UnknownVersionError(f"AggState sample kind {kind} is unknown")
+    return count, total, lo, hi, applied, sample

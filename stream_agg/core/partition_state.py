@@ -22,6 +22,7 @@ from stream_agg.core.aggstate import (
     AggState,
     encode_bucket_bytes,
     pack_headers,
+    state_fields,
 )
 from stream_agg.core.registry import OTHER, Registry
 from stream_agg.core.sample import to_digest
@@ -67,9 +68,6 @@ class PartitionState:
     def buckets(self) -> set[BucketId]:
         return set(self.resident)
 
-    def mark_resident(self, bucket: BucketId) -> None:
-        self.resident.add(bucket)
-
     # ------------------------------------------------------------------ keys <-> states
 
     def _locate(self, key: Key) -> tuple[StateTable, int] | None:
@@ -93,27 +91,39 @@ class PartitionState:
         found = self._locate(key)
         return None if found is None else self._state(*found)
 
-    def put(self, key: Key, state: AggState) -> None:
-        """Install a state (e.g. loaded from storage), replacing any held for the key."""
-        g, bucket, metric, dim, value = key
-        t = self.table(g, metric, dim)
-        lid = self.interner(dim).one(value)
-        q = np.array([composite(bucket, lid)], dtype=np.int64)
-        t.delete(q)
-        slots, _ = t.ensure(q)
-        s = int(slots[0])
-        t.count[s], t.total[s], t.lo[s], t.hi[s] = state.count, state.sum, state.min, state.max
-        t.applied[s] = state.applied_offset
-        t.digests[s] = state.digest
-        self.resident.add((g, bucket))
-        self.max_applied = max(self.max_applied, state.applied_offset)
-        if self.registry.cap(dim) is not None and value != OTHER:
-            scope: CapScope = (g, bucket, metric, dim)
-            have = self.kept.get(scope)
-            if have is None:
-                self.kept[scope] = np.array([lid], dtype=np.int64)
-            elif not (have == lid).any():
-                self.kept[scope] = np.append(have, lid)
+    def load_bucket(self, bucket: BucketId, items: list[tuple[str, str, str, bytes]]) -> int:
+        """Install a stored bucket blob's states (`decode_bucket_items`) in bulk; returns states loaded.
+
+        The bucket becomes resident even when `items` is empty (nothing stored yet).
+        """
+        g, b = bucket
+        self.resident.add(bucket)
+        by_table: dict[tuple[str, str], list[tuple[str, tuple[int, float, float, float, int, object]]]] = {}
+        for m, d, v, data in items:
+            by_table.setdefault((m, d), []).append((v, state_fields(data)))
+        for (metric, dim), rows in by_table.items():
+            t = self.table(g, metric, dim)
+            lids = self.interner(dim).intern([v for v, _ in rows])
+            q = composite(b, lids)
+            t.delete(q)
+            slots, _ = t.ensure(q)
+            fields = list(zip(*(f for _, f in rows), strict=True))
+            t.count[slots] = np.asarray(fields[0], dtype=np.int64)
+            t.total[slots] = np.asarray(fields[1], dtype=np.float64)
+            t.lo[slots] = np.asarray(fields[2], dtype=np.float64)
+            t.hi[slots] = np.asarray(fields[3], dtype=np.float64)
+            applied = np.asarray(fields[4], dtype=np.int64)
+            t.applied[slots] = applied
+            for slot, sample in zip(slots.tolist(), fields[5], strict=True):
+                t.digests[slot] = sample
+            self.max_applied = max(self.max_applied, int(applied.max()))
+            if self.registry.cap(dim) is not None:
+                other = self.interner(dim).ids.get(OTHER)
+                mine = lids if other is None else lids[lids != other]
+                scope: CapScope = (g, b, metric, dim)
+                have = self.kept.get(scope)
+                self.kept[scope] = mine if have is None else np.union1d(have, mine)
+        return len(items)
 
     def _keys(self, t: StateTable, comps: I64) -> list[Key]:
         labels = self.interners[t.dimension].labels

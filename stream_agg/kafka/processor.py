@@ -189,11 +189,18 @@ class Processor:
                 out.ack_now.extend(m.ref for m in msgs if m.offset < ctx.next_offset)
             if fresh:
                 prepared.append(self._prepare(ctx, fresh))
-        loaded = {id(prep): self.reader.load_buckets(self.stream_id, prep.ctx.partition, prep.missing)
-                  for prep in prepared if prep.missing}
+        # A bucket not held in memory is loaded for every partition this worker owns, not
+        # only the one that needs it: then the flush merges it in memory, vectorised,
+        # instead of reading the other partitions' blobs back key by key.
+        needed = sorted({b for prep in prepared for b in prep.missing})
+        wanted = {p: [b for b in needed if b not in c.pstate.resident] for p, c in self.contexts.items()}
+        loaded = self.reader.load_bucket_items(self.stream_id, wanted) if needed else {}
         try:
+            for p, buckets in wanted.items():
+                for bucket in buckets:
+                    self.contexts[p].pstate.load_bucket(bucket, loaded.get((p, bucket), []))
             for prep in prepared:
-                self._apply(prep, loaded.get(id(prep), {}), out)
+                self._apply(prep, out)
         except BaseException:
             # A half-applied batch must never reach PostgreSQL: refuse every later flush,
             # so a restart resumes from the last consistent flush instead.
@@ -227,12 +234,8 @@ class Processor:
         missing = sorted(cols.buckets() - ctx.pstate.buckets) if cols is not None else []
         return _Prepared(ctx, msgs, events, offs, cols, int(classified.late.sum()), missing, dlq)
 
-    def _apply(self, prep: _Prepared, loaded: dict[Key, Any], out: Outcome) -> None:
+    def _apply(self, prep: _Prepared, out: Outcome) -> None:
         ctx = prep.ctx
-        for key, state in loaded.items():
-            ctx.pstate.put(key, state)
-        for bucket in prep.missing:  # mark as resident even when nothing was stored
-            ctx.pstate.mark_resident(bucket)
         if prep.cols is not None:
             fold(ctx.pstate, prep.cols)
             ts_max = float(prep.cols.ts.max())

@@ -31,7 +31,7 @@ from typing import Any
 
 import psycopg
 
-from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, digest_to_bytes
+from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.fold import BucketId, Key
 from stream_agg.store.db import connect
@@ -166,13 +166,22 @@ class StreamStore:
             self._reset()
             raise
 
-    def load_buckets(self, stream: str, partition: int, buckets: Sequence[BucketId]) -> dict[Key, AggState]:
-        """Every stored state of `partition` in the given buckets."""
-        if not buckets:
+    def load_bucket_items(self, stream: str, wanted: dict[int, list[BucketId]],
+                          ) -> dict[tuple[int, BucketId], list[tuple[str, str, str, bytes]]]:
+        """(partition, bucket) -> stored (metric, dimension, value, state bytes), for every
+        partition's wanted buckets, in one query (absent blobs are simply missing)."""
+        pairs = [(p, g, b) for p, buckets in wanted.items() for g, b in buckets]
+        if not pairs:
             return {}
         try:
             with self.conn().transaction(), self.conn().cursor() as cur:
-                return read_buckets(cur, stream, buckets, partitions=[partition])
+                cur.execute(
+                    "SELECT p.partition, p.granularity, p.bucket_time, p.states FROM stream_partials p "
+                    "JOIN unnest(%s::int[], %s::text[], %s::timestamptz[]) AS w(p, g, t) "
+                    "ON p.partition = w.p AND p.granularity = w.g AND p.bucket_time = w.t WHERE p.stream = %s",
+                    ([p for p, _, _ in pairs], [g for _, g, _ in pairs], [_ts(b) for _, _, b in pairs], stream))
+                return {(int(p), (g, int(t.timestamp()))): decode_bucket_items(bytes(blob))
+                        for p, g, t, blob in cur.fetchall()}
         except psycopg.Error:
             self._reset()
             raise
@@ -357,12 +366,6 @@ def read_bucket_states(cur: psycopg.Cursor, stream: str, buckets: Sequence[Bucke
         for m, d, v, state in decode_bucket(bytes(blob)):
             out[((g, bucket, m, d, v), int(partition))] = state
     return out
-
-
-def read_buckets(cur: psycopg.Cursor, stream: str, buckets: Sequence[BucketId],
-                 partitions: Sequence[int]) -> dict[Key, AggState]:
-    """Key -> state of one partition's stored buckets."""
-    return {key: state for (key, _), state in read_bucket_states(cur, stream, buckets, partitions).items()}
 
 
 # Upsert of computed rows; `source` is the writer. The stream never replaces a backfilled

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import make_events
 
-from stream_agg.core.aggstate import AggState, decode_bucket
+from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items
 from stream_agg.core.fold import PartitionState, fold_events
 from stream_agg.core.merged_rows import merged_rows
 from stream_agg.core.registry import default_registry
@@ -120,5 +120,30 @@ def test_interner_compaction_renumbers_live_values_only() -> None:
     remap = it.compact(np.sort(live))
     assert remap is not None and len(it) == 2
     t.relabel(remap)
-    got = {(int(k) >> 32, it.labels[int(k) & 0xFFFFFFFF]): int(t.count[s]) for k, s in zip(t.keys, t.slots, strict=True)}
+    got = {(int(k) >> 32, it.labels[int(k) & 0xFFFFFFFF]): int(t.count[s])
+           for k, s in zip(t.keys, t.slots, strict=True)}
     assert got == {(1, "user-5"): 1, (2, "user-69999"): 2}
+
+
+def test_a_loaded_blob_restores_every_state_and_the_cap() -> None:
+    reg = default_registry({"user": 10})
+    events = make_events(1500, seed=16, hours=4, users=40)
+    ps = _partitions(events, reg, n=1)[0]
+    again = PartitionState(reg)
+    for bucket in sorted(ps.buckets):
+        blob, n = ps.encode_bucket(bucket)
+        assert again.load_bucket(bucket, decode_bucket_items(compress_blob(blob))) == n
+    assert again.buckets == ps.buckets
+    want, got = ps.states, again.states
+    assert set(got) == set(want)
+    for k, s in want.items():
+        t = got[k]
+        assert (t.count, t.sum, t.min, t.max, t.applied_offset) == (s.count, s.sum, s.min, s.max, s.applied_offset)
+        if s.digest is not None:
+            assert t.quantile(0.95) == pytest.approx(s.quantile(0.95), rel=1e-12)
+    assert again.kept.keys() == ps.kept.keys()
+    def kept(state: PartitionState, scope: tuple) -> set[str]:
+        return {state.interners[scope[3]].labels[i] for i in state.kept[scope].tolist()}
+
+    assert all(kept(again, s) == kept(ps, s) for s in ps.kept)
+    assert again.max_applied == ps.max_applied and not again.has_changes()
