@@ -202,6 +202,7 @@ class WorkerShell:
             # Folded: only the offset is needed until the flush acks it, so let the payload
             # go now instead of holding every message's bytes for a flush interval.
             m.ref.value = None
+            m.value = None
         if self.processor.pending_events >= self.config.max_pending_events:
             await self._flush_until_ok()
         elif time.monotonic() - self.last_flush >= self._next_delay():

@@ -336,10 +336,13 @@ class StreamStore:
             cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
         deleted = 0
         if gone:
-            cur.executemany(
-                "DELETE FROM metrics_aggregates WHERE granularity = %s AND bucket_time = %s "
-                "AND metric_name = %s AND dimension_type = %s AND dimension_value = %s "
-                "AND source = 'stream'", [(g, _ts(b), m, d, v) for g, b, m, d, v in gone])
+            cur.execute(
+                "DELETE FROM metrics_aggregates a USING unnest(%s::text[], %s::timestamptz[], %s::text[], "
+                "%s::text[], %s::text[]) AS d(g, t, m, dt, v) WHERE a.granularity = d.g AND a.bucket_time = d.t "
+                "AND a.metric_name = d.m AND a.dimension_type = d.dt AND a.dimension_value = d.v "
+                "AND a.source = 'stream'",
+                ([k[0] for k in gone], [_ts(k[1]) for k in gone], [k[2] for k in gone], [k[3] for k in gone],
+                 [k[4] for k in gone]))
             deleted = len(gone)
         return len(rows), deleted
 
