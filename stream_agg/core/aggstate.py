@@ -24,6 +24,7 @@ from fastdigest import TDigest, merge_all
 MAX_CENTROIDS = 2000
 STATE_VERSION = 1
 DIGEST_VERSION = 1
+VALUES_DIGEST_VERSION = 2  # digest column holding the exact values of a small sample
 _HEADER = struct.Struct("<BqdddqB")  # version, count, sum, min, max, applied_offset, sample kind
 # The same header as a numpy record, so a whole table of states packs in one call.
 HEADER_DTYPE = np.dtype([("version", "u1"), ("count", "<i8"), ("sum", "<f8"), ("min", "<f8"), ("max", "<f8"),
@@ -52,11 +53,24 @@ def digest_to_bytes(digest: TDigest) -> bytes:
     return bytes((DIGEST_VERSION,)) + digest.to_bytes()
 
 
+def values_to_digest_bytes(values: npt.NDArray[np.float64]) -> bytes:
+    """A small sample stored exactly: version byte 2 + its values (float64 LE).
+
+    Most rows (per user and hour) hold a handful of values; their values are smaller than a
+    serialized t-digest and need no digest to be built. Readers get a digest either way.
+    """
+    return bytes((VALUES_DIGEST_VERSION,)) + np.asarray(values, dtype="<f8").tobytes()
+
+
 def digest_from_bytes(data: bytes) -> TDigest:
-    if not data or data[0] != DIGEST_VERSION:
-        found = data[0] if data else None
-        raise UnknownVersionError(f"digest format version {found} is not {DIGEST_VERSION}")
-    return TDigest.from_bytes(bytes(data[1:]))
+    version = data[0] if data else None
+    if version == DIGEST_VERSION:
+        return TDigest.from_bytes(bytes(data[1:]))
+    if version == VALUES_DIGEST_VERSION and (len(data) - 1) % 8 == 0:
+        values = np.frombuffer(data, dtype="<f8", offset=1)
+        return digest_from_values(values) if values.size else new_digest()
+    raise UnknownVersionError(f"digest format version {version} is not {DIGEST_VERSION} or "
+                              f"{VALUES_DIGEST_VERSION} (or its length is wrong)")
 
 
 def merge_digests(digests: list[TDigest]) -> TDigest:

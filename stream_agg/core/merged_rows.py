@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from stream_agg.core.aggstate import digest_to_bytes
+from stream_agg.core.aggstate import digest_to_bytes, values_to_digest_bytes
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.partition_state import BucketId, Key, PartitionState, TableId
-from stream_agg.core.sample import combine, to_digest
+from stream_agg.core.sample import combine, exact_quantiles
 from stream_agg.core.state_table import HOUR, I64, LABEL_BITS, LABEL_MASK, LABEL_SPACE, Interner
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -116,11 +116,16 @@ def _table_rows(pstates: Sequence[PartitionState], tid: TableId, buckets: list[i
                                              wanted or repeat(True), strict=False):
         if not w:
             continue
-        digest = to_digest(combine(parts, own=False)) if parts else None
-        if digest is None or c == 0 or digest.is_empty():
-            qs: list[float | None] = [None, None, None]
-        else:
-            qs = [float(digest.quantile(q)) for q in QUANTILES]
+        qs: list[float | None] = [None, None, None]
+        stored: bytes | None = None
+        sample = combine(parts, own=False) if parts else None
+        if isinstance(sample, np.ndarray):  # small: exact percentiles, values stored as they are
+            if sample.size and c:
+                qs = list(exact_quantiles(sample, QUANTILES))
+            stored = values_to_digest_bytes(sample)
+        elif sample is not None:
+            if c and not sample.is_empty():
+                qs = [float(sample.quantile(q)) for q in QUANTILES]
+            stored = digest_to_bytes(sample)
         out[(g, h * HOUR, metric, dim, name)] = (times[h], g, metric, dim, name, c, s, a, b,
-                                                 s / c if c else None, qs[0], qs[1], qs[2],
-                                                 None if digest is None else digest_to_bytes(digest))
+                                                 s / c if c else None, qs[0], qs[1], qs[2], stored)

@@ -77,3 +77,15 @@ def to_digest(sample: Sample | None) -> TDigest | None:
         return new_digest()
     return digest_from_values(sample)
 
+
+def exact_quantiles(values: F64, qs: tuple[float, ...]) -> list[float]:
+    """PERCENTILE_CONT (numpy's "linear") of a non-empty sample, for each q."""
+    x = np.sort(values)
+    last = x.size - 1
+    out = []
+    for q in qs:
+        pos = q * last
+        lo = int(pos)
+        hi = min(lo + 1, last)
+        out.append(float(x[lo] + (x[hi] - x[lo]) * (pos - lo)))
+    return out

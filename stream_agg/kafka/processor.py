@@ -14,6 +14,7 @@ crash is either skipped (offset below the stored one) or folded exactly once.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter as Tally
 from collections.abc import Callable
@@ -357,10 +358,10 @@ class Processor:
         self.metrics.observe_run(seconds, snap.pending_events)
         self.metrics.rows_upserted.inc(report.rows)
         self.metrics.archived_traces.inc(report.traces)
-        log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs (snapshot %.3fs %s)",
-                 [p.partition for p in snap.payload.partitions], report.partials, report.rows, report.traces,
-                 snap.pending_events, seconds, snap.seconds,
-                 " ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()))
+        log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs (snapshot %.3fs %s) "
+                 "rss=%s", [p.partition for p in snap.payload.partitions], report.partials, report.rows,
+                 report.traces, snap.pending_events, seconds, snap.seconds,
+                 " ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()), _rss())
         return report
 
     def flush(self) -> tuple[FlushReport | None, list[Any]]:
@@ -436,3 +437,12 @@ class Processor:
 
 def _finite(x: float) -> float | None:
     return x if np.isfinite(x) else None
+
+
+def _rss() -> str:
+    """Resident memory now, for the flush log line (Linux; '?' elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return f"{int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20}MB"
+    except (OSError, ValueError, IndexError):
+        return "?"

@@ -201,6 +201,9 @@ class StreamStore:
                 phases[name] = now - clock
                 clock = now
 
+            for part in payload.partitions:  # compressed in place: each raw blob is freed as it goes
+                for i, (g, b, blob, n) in enumerate(part.buckets):
+                    part.buckets[i] = (g, b, compress_blob(blob), n)
             with conn.transaction(), conn.cursor() as cur:
                 partials = self.write_partials(cur, payload.stream, [
                     (g, b, part.partition, blob, n, part.next_offset - 1)
@@ -237,7 +240,7 @@ class StreamStore:
             "ON CONFLICT (stream, granularity, bucket_time, partition) DO UPDATE SET states = EXCLUDED.states, "
             "keys = EXCLUDED.keys, applied_offset = GREATEST(p.applied_offset, EXCLUDED.applied_offset), "
             f"updated_at = now() {guard}",
-            [(stream, g, _ts(b), part, compress_blob(blob), n, applied) for g, b, part, blob, n, applied in blobs])
+            [(stream, g, _ts(b), part, blob, n, applied) for g, b, part, blob, n, applied in blobs])
         return len(blobs)
 
     def _advance_offsets(self, cur: psycopg.Cursor, payload: FlushPayload) -> None:
@@ -386,13 +389,6 @@ UPSERT_ROWS_SQL = (
     "digest = EXCLUDED.digest, source = EXCLUDED.source, updated_at = now() "
     "WHERE a.source <> 'backfill' OR EXCLUDED.source = 'backfill'"
 )
-
-
-def _state(c: int, s: float, lo: float, hi: float, dig: bytes | None, applied: int) -> AggState:
-    from fastdigest import TDigest
-
-    digest = TDigest.from_bytes(bytes(dig)) if dig is not None else None
-    return AggState(int(c), float(s), float(lo), float(hi), digest, int(applied))
 
 
 def _merge(states: list[AggState]) -> AggState:

@@ -15,7 +15,9 @@ from stream_agg.core.aggstate import (
     UnknownVersionError,
     digest_from_bytes,
     digest_to_bytes,
+    values_to_digest_bytes,
 )
+from stream_agg.core.sample import exact_quantiles
 
 QS = (0.5, 0.95, 0.99)
 
@@ -106,7 +108,14 @@ def test_bytes_round_trip_and_versioning() -> None:
     d = digest_from_bytes(digest_to_bytes(s.digest))
     assert d.quantile(0.5) == s.digest.quantile(0.5)
     with pytest.raises(UnknownVersionError):
-        digest_from_bytes(b"\x02abc")
+        digest_from_bytes(b"\x03abc")
+    with pytest.raises(UnknownVersionError):
+        digest_from_bytes(b"\x02abc")  # exact values, but not a whole number of float64s
+    few = np.array([5.0, 1.0, 3.0, 2.5])
+    exact = digest_from_bytes(values_to_digest_bytes(few))
+    for q in (0.0, 0.5, 0.95, 1.0):
+        assert exact.quantile(q) == pytest.approx(float(np.percentile(few, q * 100)), rel=1e-12)
+        assert exact_quantiles(few, (q,))[0] == pytest.approx(float(np.percentile(few, q * 100)), rel=1e-12)
     assert math.isinf(AggState().min)
 
 
