@@ -38,6 +38,35 @@ MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
 IDLE_AFTER = 1.0  # seconds without messages after which the consumer counts as caught up
 
 
+class TakeLimit:
+    """`max_` for Faust's `take_events` that is also reached at a payload byte budget.
+
+    Faust counts messages, and one message may hold one event or a thousand: a take of
+    `batch_size` 250 KB messages held 125 MB. Faust tests `len(buffer) >= max_`; an int
+    compared with this object falls back to `__le__`, so the take ends at `messages`
+    messages or `max_bytes` bytes, whichever comes first. `count` is a stream processor
+    added before the take, so it sees each value first.
+    """
+
+    def __init__(self, messages: int, max_bytes: int) -> None:
+        self.messages = messages
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def count(self, value: Any) -> Any:
+        self.bytes += len(value) if isinstance(value, (bytes, bytearray)) else 0
+        return value
+
+    def reset(self) -> None:
+        self.bytes = 0
+
+    def __le__(self, taken: int) -> bool:
+        return taken >= self.messages or self.bytes >= self.max_bytes
+
+    def __repr__(self) -> str:
+        return f"TakeLimit({self.messages} messages or {self.max_bytes} bytes)"
+
+
 def _chunks(msgs: list[Message], limit: int) -> list[list[Message]]:
     """Split a micro-batch so no chunk holds more than `limit` payload bytes (at least one message)."""
     out: list[list[Message]] = [[]]
@@ -78,9 +107,10 @@ def build_app(config: Config) -> faust.App:
         stream_wait_empty=False,  # our acks wait for PostgreSQL; the revoke hook flushes instead
         stream_recovery_delay=0.0,
         producer_acks=-1,
-        # Faust counts messages, and one message may carry a batch of ~1,000 events: keep
-        # the read-ahead to one micro-batch so memory stays bounded by bytes, not by luck.
-        stream_buffer_maxsize=max(100, config.batch_size),
+        # Faust counts messages, and one message may carry a batch of ~1,000 events: keep the
+        # read-ahead small (100 messages) and let the take stop at a byte budget (TakeLimit),
+        # so memory is bounded by bytes, not by luck.
+        stream_buffer_maxsize=100,
     )
 
 
@@ -180,7 +210,10 @@ class WorkerShell:
     # ----------------------------------------------------------------- consuming
 
     async def _agent(self, stream: faust.StreamT) -> None:
-        async for events in stream.take_events(self.config.batch_size, within=self.config.batch_timeout):
+        limit = TakeLimit(self.config.batch_size, FOLD_BYTES)
+        stream.add_processor(limit.count)  # runs before take_events' own buffering processor
+        async for events in stream.take_events(limit, within=self.config.batch_timeout):  # type: ignore[arg-type]
+            limit.reset()
             msgs = []
             for ev in events:
                 message = ev.message
