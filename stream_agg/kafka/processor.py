@@ -31,6 +31,7 @@ from stream_agg.core.registry import Registry
 from stream_agg.core.watermark import Watermark, WatermarkPolicy
 from stream_agg.events import TraceEvent, decode_message, encode_event
 from stream_agg.observability import Metrics
+from stream_agg.store import archive_copy
 from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFlush, StreamStore
 
 log = logging.getLogger(__name__)
@@ -125,8 +126,8 @@ class Processor:
         self.stream_id = stream_id
         self.clock = clock
         self.contexts: dict[int, PartitionContext] = {}
-        self.traces: list[tuple[Any, ...]] = []
-        self.spans: list[tuple[Any, ...]] = []
+        self.traces: list[str] = []  # raw archive, as COPY text chunks (store.archive_copy)
+        self.spans: list[str] = []
         self.unacked: list[Any] = []
         self.pending_events = 0
         self.poisoned = False
@@ -262,13 +263,10 @@ class Processor:
         m.pending_events.set(self.pending_events)
 
     def _archive(self, events: list[TraceEvent], offsets: np.ndarray, partition: int) -> None:
-        traces, spans = self.traces, self.spans
-        for e, off in zip(events, offsets.tolist(), strict=True):
-            traces.append((e.trace_id, e.operation_type, e.started_at, e.duration_ms, e.status, e.user_id,
-                           e.kb_id, e.total_tokens, partition, off))
-            for s in e.spans:
-                spans.append((e.trace_id, s.span_id, s.kind, s.model, s.duration_ms, s.input_tokens,
-                              s.output_tokens, s.status, e.started_at, e.operation_type))
+        traces, spans, _ = archive_copy.render(events, offsets.tolist(), partition)
+        self.traces.append(traces)
+        if spans:
+            self.spans.append(spans)
 
     # ----------------------------------------------------------------- flushing
 

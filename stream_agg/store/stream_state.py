@@ -34,6 +34,7 @@ import psycopg
 from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.fold import BucketId, Key
+from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
 from stream_agg.store.db import connect
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,8 @@ class FlushPayload:
 
     stream: str
     partitions: list[PartitionFlush]
-    traces: list[tuple[Any, ...]] = field(default_factory=list)
-    spans: list[tuple[Any, ...]] = field(default_factory=list)
+    traces: list[str] = field(default_factory=list)  # COPY text chunks (store.archive_copy)
+    spans: list[str] = field(default_factory=list)
     memory: dict[Key, list[tuple[int, AggState]]] = field(default_factory=dict)  # key -> (partition, state)
     ready: dict[Key, tuple[Any, ...] | None] = field(default_factory=dict)  # rows merged by the caller
     resident: list[tuple[str, int, int]] = field(default_factory=list)
@@ -262,12 +263,9 @@ class StreamStore:
             return 0, 0
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS tmp_traces (LIKE traces INCLUDING DEFAULTS) ON COMMIT DELETE ROWS")
         cur.execute("CREATE TEMP TABLE IF NOT EXISTS tmp_spans (LIKE spans) ON COMMIT DELETE ROWS")
-        with cur.copy(
-            "COPY tmp_traces (trace_id, operation_type, started_at, duration_ms, status, user_id, kb_id, "
-            "total_tokens, source_partition, source_offset) FROM STDIN"
-        ) as copy:
-            for row in payload.traces:
-                copy.write_row(row)
+        with cur.copy(f"COPY tmp_traces ({TRACE_COLUMNS}) FROM STDIN") as copy:
+            for chunk in payload.traces:
+                copy.write(chunk)
         cur.execute(
             "INSERT INTO traces (trace_id, operation_type, started_at, duration_ms, status, user_id, kb_id, "
             "total_tokens, source_partition, source_offset) SELECT DISTINCT ON (trace_id) trace_id, "
@@ -277,12 +275,9 @@ class StreamStore:
         traces = cur.rowcount
         spans = 0
         if payload.spans:
-            with cur.copy(
-                "COPY tmp_spans (trace_id, span_id, kind, model, duration_ms, input_tokens, output_tokens, "
-                "status, started_at, operation_type) FROM STDIN"
-            ) as copy:
-                for row in payload.spans:
-                    copy.write_row(row)
+            with cur.copy(f"COPY tmp_spans ({SPAN_COLUMNS}) FROM STDIN") as copy:
+                for chunk in payload.spans:
+                    copy.write(chunk)
             cur.execute(
                 "INSERT INTO spans SELECT DISTINCT ON (trace_id, span_id) * FROM tmp_spans "
                 "ORDER BY trace_id, span_id ON CONFLICT (trace_id, span_id) DO NOTHING")
