@@ -3,10 +3,14 @@
 Key = (granularity, bucket_start, metric, dimension_type, dimension_value).
 
 Why it looks like this: per-event Python work is the bottleneck of the worker, so a batch
-is turned into numpy columns once, grouped with dense integer group ids and `bincount`,
-and each digest gets one `batch_update` per key and batch at the *hour* level only; day
-and week digests are merges of the hour deltas (one digest update per value instead of
-three). Python loops run once per key touched by the batch, not per value.
+is turned into numpy columns once (`to_columns`: C-level maps over cache-sized chunks of
+events) and grouped with dense integer group ids; Python loops run once per key touched
+by the batch, not per value. Per dimension the rows are sorted once by (hour, value);
+day and week are roll-ups of those hour groups. Metrics with a value in every group
+share the cap decision and the grouping. A key's new percentile values are fed to its
+sample directly (one concatenate, or a deferred digest update: `StateTable.defer`); only
+a group with more than BIG_GROUP values gets its own digest, built once and merged into
+its week, day and hour states.
 
 Exactly-once effect: every state records the highest source offset folded into it
 (`applied_offset`); a row whose offset is not above its key's applied offset is skipped.
@@ -18,28 +22,32 @@ next offset, so in normal operation nothing is filtered and the check costs O(1)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import chain, compress
-from operator import attrgetter
+from itertools import chain, compress, count, repeat
+from operator import attrgetter, eq, itemgetter
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from stream_agg.core.buckets import GRANULARITIES, HOUR, bucket_starts
-from stream_agg.core.partition_state import BucketId, CapScope, Key, PartitionState
+from stream_agg.core.partition_state import BucketId, Key, PartitionState
 from stream_agg.core.registry import ALL, DIMENSIONS, OTHER, Level, Metric, Registry
-from stream_agg.core.sample import Sample, absorb, combine, sample_of
-from stream_agg.core.state_table import StateTable, composite
+from stream_agg.core.sample import SMALL_SAMPLE, Sample, absorb, combine, digest_of, sample_of
+from stream_agg.core.state_table import PENDING_VALUES, Interner, StateTable, composite
 
 __all__ = ["BucketId", "Columns", "FoldResult", "Key", "LevelColumns", "PartitionState", "event_times", "fold",
            "fold_events", "to_columns"]
 
 _STARTED_AT = attrgetter("started_at")
-_SPANS = attrgetter("spans")
 _KIND = attrgetter("kind")
+_NONE_NAN: dict[Any, float] = {None: math.nan}
+# A group with more values than this gets a digest of its own, merged into its day / week /
+# hour states; smaller groups' values are fed to those states directly (cheaper below ~1,000).
+BIG_GROUP = 1024
+_CHUNK = 1024  # events per extraction chunk: their objects stay in the CPU caches between passes
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -81,16 +89,25 @@ class Columns:
     offsets: I64
     levels: dict[Level, LevelColumns]
 
+    _buckets: set[BucketId] | None = None
+
     @property
     def size(self) -> int:
         return int(self.ts.size)
 
     def buckets(self) -> set[BucketId]:
-        """Every (granularity, bucket_start) the batch touches."""
-        out: set[BucketId] = set()
-        for g in GRANULARITIES:
-            out.update((g, int(b)) for b in np.unique(bucket_starts(self.ts, g)))
-        return out
+        """Every (granularity, bucket_start) the batch touches (computed once: the worker
+        asks before the fold, and the fold again)."""
+        if self._buckets is None:
+            lc = self.levels.get("trace")
+            hours = lc.starts("hour") if lc is not None and lc.ts is self.ts else bucket_starts(self.ts, "hour")
+            uh = _distinct(hours, HOUR)
+            out: set[BucketId] = {("hour", h) for h in uh.tolist()}
+            for g in GRANULARITIES:
+                if g != "hour":
+                    out.update((g, int(b)) for b in np.unique(bucket_starts(uh.astype(np.float64), g)).tolist())
+            self._buckets = out
+        return set(self._buckets)
 
     def select(self, keep: npt.NDArray[np.bool_]) -> Columns:
         """The same batch restricted to events where `keep` is true (e.g. not too late)."""
@@ -109,16 +126,63 @@ class Columns:
         return Columns(self.ts[keep], self.offsets[keep], levels)
 
 
-def _encode(values: list[Any]) -> tuple[I64, list[str]]:
-    """Dictionary-encode strings (None -> -1) at C speed."""
-    labels = [v for v in dict.fromkeys(values) if v is not None]
-    lut: dict[Any, int] = {v: i for i, v in enumerate(labels)}
-    lut[None] = -1
-    return np.fromiter(map(lut.__getitem__, values), dtype=np.int64, count=len(values)), labels
+def _distinct(starts: I64, step: int) -> I64:
+    """Sorted distinct values of bucket starts (multiples of `step`), without a sort when
+    they span a modest range (a batch covers a few hours, plus some late events)."""
+    if starts.size == 0:
+        return starts
+    lo, hi = int(starts.min()), int(starts.max())
+    span = (hi - lo) // step + 1
+    if span > 4 * starts.size + 1024:
+        return np.unique(starts)
+    seen = np.zeros(span, dtype=bool)
+    seen[(starts - lo) // step] = True
+    return lo + np.flatnonzero(seen) * step
 
 
-def _floats(objs: Sequence[Any], attr: str) -> F64:
-    return np.array(list(map(attrgetter(attr), objs)), dtype=np.float64)
+class _Codes:
+    """Dictionary-encodes one string column chunk by chunk (None -> -1).
+
+    One C-level pass per chunk: `dict.setdefault` records each value's first position, so a
+    string is hashed once, while it is still in cache from reading the attribute.
+    """
+
+    def __init__(self) -> None:
+        self.first: dict[Any, int] = {}
+        self.parts: list[I64] = []
+        self.size = 0
+
+    def add(self, values: Iterable[Any], n: int) -> None:
+        self.parts.append(np.fromiter(map(self.first.setdefault, values, count(self.size)), dtype=np.int64,
+                                      count=n))
+        self.size += n
+
+    def finish(self) -> tuple[I64, list[str]]:
+        """(code per row, label per code), codes numbered in first-seen order."""
+        first = self.first
+        labels: list[Any] = list(first)
+        pos = np.fromiter(first.values(), dtype=np.int64, count=len(first))
+        remap = np.empty(max(self.size, 1), dtype=np.int64)
+        remap[pos] = np.arange(pos.size, dtype=np.int64)
+        if None in first:
+            k = labels.index(None)
+            remap[pos[k]] = -1
+            remap[pos[k + 1:]] -= 1
+            del labels[k]
+        raw = np.concatenate(self.parts) if self.parts else np.empty(0, dtype=np.int64)
+        return remap[raw], labels
+
+
+def _floats(objs: Sequence[Any], get: Callable[[Any], Any], n: int) -> F64:
+    """One float per object; None -> NaN (a null skips the value)."""
+    try:
+        return np.fromiter(map(get, objs), dtype=np.float64, count=n)
+    except TypeError:  # a None: map it to NaN, still in C
+        return np.fromiter(map(_NONE_NAN.get, map(get, objs), map(get, objs)), dtype=np.float64, count=n)
+
+
+def _flags(objs: Sequence[Any], get: Callable[[Any], Any], n: int) -> npt.NDArray[np.bool_]:
+    return np.fromiter(map(eq, map(get, objs), repeat("error")), dtype=bool, count=n)
 
 
 def event_times(events: Sequence[Any]) -> F64:
@@ -126,65 +190,98 @@ def event_times(events: Sequence[Any]) -> F64:
     return np.fromiter(map(datetime.timestamp, map(_STARTED_AT, events)), dtype=np.float64, count=len(events))
 
 
+def _concat(parts: list[npt.NDArray[Any]], dtype: Any) -> npt.NDArray[Any]:
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
 def to_columns(
     events: Sequence[Any], offsets: Sequence[int] | I64, registry: Registry,
     ts: F64 | None = None,
 ) -> Columns:
-    """Turn decoded events (with their source offsets) into per-level columns."""
+    """Turn decoded events (with their source offsets) into per-level columns.
+
+    Reading Python objects is bound by memory, not by work: a batch's events are far bigger
+    than the CPU caches, and a pass over them that follows one pointer per event waits for
+    one cache miss after another. So the events are read in chunks of `_CHUNK`, first
+    into a tuple of every field needed per event (one C call per event whose loads the CPU
+    can overlap), then column by column from those tuples while they are in cache. Every
+    step is a C-level `map`: no Python code runs per event or span.
+    """
     n = len(events)
     offs = np.asarray(offsets, dtype=np.int64)
     if offs.shape != (n,):
         raise ValueError(f"{n} events but {offs.size} offsets")
-    ts = event_times(events) if ts is None else ts
+    trace_metrics, llm_metrics = registry.by_level("trace"), registry.by_level("llm")
+    trace_dims = [d for d in dict.fromkeys(registry.dimensions_of("trace") + registry.dimensions_of("llm"))
+                  if DIMENSIONS[d].on == "trace"]
+    span_dims = [d for d in registry.dimensions_of("llm") if DIMENSIONS[d].on == "span"] if llm_metrics else []
+    fields = list(dict.fromkeys([*(["started_at"] if ts is None else []),
+                                 *(DIMENSIONS[d].field for d in trace_dims), *(m.field for m in trace_metrics),
+                                 *(["spans"] if llm_metrics else [])]))
+    read_row: Callable[[Any], Any] | None = attrgetter(*fields) if len(fields) > 1 else None
+    field_of: dict[str, Callable[[Any], Any]] = {
+        f: itemgetter(i) if read_row is not None else attrgetter(f) for i, f in enumerate(fields)}
+    trace_codes = {d: _Codes() for d in trace_dims}
+    span_codes = {d: _Codes() for d in span_dims}
+    trace_parts: dict[str, list[npt.NDArray[Any]]] = {m.name: [] for m in trace_metrics}
+    llm_parts: dict[str, list[npt.NDArray[Any]]] = {m.name: [] for m in llm_metrics}
+    ts_parts: list[F64] = []
+    counts: list[I64] = []
+    is_llm: list[npt.NDArray[np.bool_]] = []
+    span_get = {d: attrgetter(DIMENSIONS[d].field) for d in span_dims}
+    llm_get = [(m, attrgetter(m.field)) for m in llm_metrics]
+    for lo in range(0, n, _CHUNK):
+        chunk = events[lo:lo + _CHUNK]
+        m = len(chunk)
+        rows = chunk if read_row is None else list(map(read_row, chunk))
+        if ts is None:
+            ts_parts.append(np.fromiter(map(datetime.timestamp, map(field_of["started_at"], rows)),
+                                        dtype=np.float64, count=m))
+        for d, enc in trace_codes.items():
+            enc.add(map(field_of[DIMENSIONS[d].field], rows), m)
+        for metric in trace_metrics:
+            get = field_of[metric.field]
+            trace_parts[metric.name].append(_flags(rows, get, m) if metric.is_error else _floats(rows, get, m))
+        if not llm_metrics:
+            continue
+        span_lists = list(map(field_of["spans"], rows))
+        counts.append(np.fromiter(map(len, span_lists), dtype=np.int64, count=m))
+        every = list(chain.from_iterable(span_lists))
+        llm = np.fromiter(map(eq, map(_KIND, every), repeat("llm")), dtype=bool, count=len(every))
+        is_llm.append(llm)
+        spans = list(compress(every, llm.tolist()))
+        k = len(spans)
+        for metric, get in llm_get:
+            llm_parts[metric.name].append(_flags(spans, get, k) if metric.is_error else _floats(spans, get, k))
+        for d, enc in span_codes.items():
+            enc.add(map(span_get[d], spans), k)
+    if ts is None:
+        ts = _concat(ts_parts, np.float64)
+    codes: dict[str, I64] = {}
+    labels: dict[str, list[str]] = {}
+    for d, enc in (*trace_codes.items(), *span_codes.items()):
+        codes[d], labels[d] = enc.finish()
     levels: dict[Level, LevelColumns] = {}
-    trace_codes: dict[str, I64] = {}
-    trace_labels: dict[str, list[str]] = {}
-    for dim in registry.dimensions_of("trace") + registry.dimensions_of("llm"):
-        d = DIMENSIONS[dim]
-        if d.on == "trace" and dim not in trace_codes:
-            trace_codes[dim], trace_labels[dim] = _encode(list(map(attrgetter(d.field), events)))
-    if registry.by_level("trace"):
-        values: dict[str, F64] = {}
-        for m in registry.by_level("trace"):
-            if m.is_error:
-                values[m.name] = np.fromiter(
-                    map("error".__eq__, map(attrgetter(m.field), events)), dtype=bool, count=n
-                ).astype(np.float64)
-            else:
-                values[m.name] = _floats(events, m.field)
+    if trace_metrics:
         dims = registry.dimensions_of("trace")
         levels["trace"] = LevelColumns(
-            ts, offs, np.arange(n, dtype=np.int64), values,
-            {d: _dim_codes(d, n, trace_codes) for d in dims},
-            {d: trace_labels.get(d, [ALL]) for d in dims},
+            ts, offs, np.arange(n, dtype=np.int64),
+            {k: _concat(v, np.float64).astype(np.float64, copy=False) for k, v in trace_parts.items()},
+            {d: codes[d] if d in codes else np.zeros(n, dtype=np.int64) for d in dims},
+            {d: labels.get(d, [ALL]) for d in dims},
         )
-    if registry.by_level("llm"):
-        # every span, then the llm ones: C-level maps instead of a Python loop per span
-        span_lists = list(map(_SPANS, events))
-        every_span = list(chain.from_iterable(span_lists))
-        is_llm = list(map("llm".__eq__, map(_KIND, every_span)))
-        counts = np.fromiter(map(len, span_lists), dtype=np.int64, count=n)
-        parent = np.repeat(np.arange(n, dtype=np.int64), counts)[np.asarray(is_llm, dtype=bool)]
-        spans = list(compress(every_span, is_llm))
-        values = {m.name: _floats(spans, m.field) for m in registry.by_level("llm")}
-        codes: dict[str, I64] = {}
-        labels: dict[str, list[str]] = {}
-        for dim in registry.dimensions_of("llm"):
-            d = DIMENSIONS[dim]
-            if d.on == "span":
-                codes[dim], labels[dim] = _encode(list(map(attrgetter(d.field), spans)))
-            elif d.on == "trace":
-                codes[dim], labels[dim] = trace_codes[dim][parent], trace_labels[dim]
-            else:
-                codes[dim], labels[dim] = np.zeros(len(spans), dtype=np.int64), [ALL]
-        levels["llm"] = LevelColumns(ts[parent], offs[parent], parent, values, codes, labels)
+    if llm_metrics:
+        parent = np.repeat(np.arange(n, dtype=np.int64), _concat(counts, np.int64))[_concat(is_llm, bool)]
+        k = parent.size
+        dims = registry.dimensions_of("llm")
+        levels["llm"] = LevelColumns(
+            ts[parent], offs[parent], parent,
+            {name: _concat(v, np.float64).astype(np.float64, copy=False) for name, v in llm_parts.items()},
+            {d: (codes[d][parent] if DIMENSIONS[d].on == "trace" else codes[d]) if d in codes
+             else np.zeros(k, dtype=np.int64) for d in dims},
+            {d: labels.get(d, [ALL]) for d in dims},
+        )
     return Columns(ts, offs, levels)
-
-
-def _dim_codes(dim: str, n: int, trace_codes: dict[str, I64]) -> I64:
-    if DIMENSIONS[dim].on == "const":
-        return np.zeros(n, dtype=np.int64)
-    return trace_codes[dim]
 
 
 # --------------------------------------------------------------------------- fold
@@ -249,25 +346,27 @@ class _RawGroups:
 
     rows: I64  # row indices, sorted by group
     bounds: I64  # first sorted position of each group
-    hours: I64  # hour bucket start of each group
+    hours: I64  # hour bucket start of each group (non-decreasing)
     codes: I64  # batch-local value code of each group
 
 
 def _raw_groups(lc: LevelColumns, codes: I64, nraw: int) -> _RawGroups | None:
     hour = lc.starts("hour")
-    sel = np.flatnonzero(codes >= 0)
-    if sel.size == 0:
-        return None
-    if sel.size == codes.size:
-        sel = np.arange(codes.size)
-    h = hour[sel]
+    if bool((codes >= 0).all()):
+        sel: I64 | None = None
+        h, c = hour, codes
+    else:
+        sel = np.flatnonzero(codes >= 0)
+        if sel.size == 0:
+            return None
+        h, c = hour[sel], codes[sel]
     hbase = int(h.min())
-    gid = ((h - hbase) // HOUR) * nraw + codes[sel]
+    gid = ((h - hbase) // HOUR) * nraw + c
     order = np.argsort(_small_ints(gid, int(gid.max())), kind="stable")
     sg = gid[order]
     bounds = np.concatenate(([0], np.flatnonzero(np.diff(sg)) + 1))
     first = sg[bounds]
-    return _RawGroups(sel[order], bounds, hbase + (first // nraw) * HOUR, first % nraw)
+    return _RawGroups(order if sel is None else sel[order], bounds, hbase + (first // nraw) * HOUR, first % nraw)
 
 
 @dataclass
@@ -320,6 +419,93 @@ def _group_samples(vals: F64, bounds: I64) -> list[Sample]:
     return [sample_of(vals[a:b]) for a, b in zip(bounds.tolist(), ends, strict=True)]
 
 
+@dataclass
+class _MetricGroups:
+    """One metric's (hour, value) groups of a batch, those holding at least one value."""
+
+    metric: Metric
+    agg: _Agg
+    present: npt.NDArray[np.bool_] | None  # which raw groups these are; None = all of them
+    values: F64 | None = None  # digest metrics: the non-null values, group by group
+    first: I64 | None = None  # where each group's values start in `values`
+    _digests: dict[int, Any] = field(default_factory=dict)
+
+    def digest(self, i: int) -> Sample:
+        """A digest of group i's values, built once for every granularity (week and day merge
+        it, the hour state may take it)."""
+        d = self._digests.get(i)
+        if d is None:
+            assert self.values is not None and self.first is not None
+            a = int(self.first[i])
+            d = self._digests[i] = digest_of(self.values[a:a + int(self.agg.count[i])])
+        return d
+
+
+def _metric_groups(metric: Metric, vals: F64, offs: I64, bounds: I64) -> _MetricGroups | None:
+    agg = _group_agg(vals, offs, bounds)
+    present: npt.NDArray[np.bool_] | None = agg.count > 0
+    assert present is not None
+    full_count = agg.count
+    if present.all():
+        present = None
+    elif not present.any():
+        return None
+    else:
+        agg = agg.take(present)
+    out = _MetricGroups(metric, agg, present)
+    if metric.digest:
+        nan = np.isnan(vals)
+        if nan.any():
+            out.values = vals[~nan]
+            first = np.cumsum(full_count) - full_count
+        else:
+            out.values, first = vals, bounds
+        out.first = first if present is None else first[present]
+    return out
+
+
+@dataclass
+class _Plan:
+    """Where a granularity's groups go: distinct target keys and each group's target.
+
+    `inv` None means one group per target, in group order (hour level, uncapped).
+    """
+
+    targets: I64
+    inv: I64 | None
+    _order: I64 | None = None
+    _tstart: I64 | None = None
+
+    def order(self) -> I64:
+        """Group indices sorted by target (stable: groups of a target stay in batch order)."""
+        if self._order is None:
+            assert self.inv is not None
+            self._order = np.argsort(self.inv, kind="stable")
+        return self._order
+
+    def tstart(self) -> I64:
+        """Position in `order()` of each target's first group, plus the end."""
+        if self._tstart is None:
+            assert self.inv is not None
+            self._tstart = np.concatenate(([0], np.cumsum(np.bincount(self.inv, minlength=self.targets.size))))
+        return self._tstart
+
+    def aggregate(self, agg: _Agg) -> _Agg:
+        if self.inv is None:
+            return agg
+        if self.targets.size == self.inv.size:  # a permutation
+            return agg.take(self.order())
+        return _combine(self.inv, self.targets.size, agg)
+
+
+def _plan(starts: I64, glids: I64, one_to_one: bool) -> _Plan:
+    q = composite(starts, glids)
+    if one_to_one:
+        return _Plan(q, None)
+    targets, inv = np.unique(q, return_inverse=True)
+    return _Plan(targets, inv.reshape(-1))
+
+
 def _fold_dimension(
     pstate: PartitionState, lc: LevelColumns, dim: str, metrics: list[Metric], may_dedup: bool,
     result: FoldResult,
@@ -328,6 +514,7 @@ def _fold_dimension(
 
     Rows are sorted once by (hour, value) for all the metrics; day and week aggregates
     and digests are roll-ups of those hour groups, so only one pass touches every row.
+    Metrics with a value in every group share the cap decision and the grouping work.
     """
     codes = lc.codes[dim]
     labels = lc.labels[dim] or [ALL]
@@ -341,65 +528,133 @@ def _fold_dimension(
         return
     raw_lids = lids[raw.codes]
     offs = lc.offsets[raw.rows]
+    groups = [mg for m in metrics if (mg := _metric_groups(m, lc.values[m.name][raw.rows], offs, raw.bounds))]
+    if not groups:
+        return
     parents = {g: bucket_starts(raw.hours.astype(np.float64), g) for g in GRANULARITIES if g != "hour"}
     parents["hour"] = raw.hours
-    for metric in metrics:
-        vals = lc.values[metric.name][raw.rows]
-        agg = _group_agg(vals, offs, raw.bounds)
-        present = agg.count > 0
-        every = bool(present.all())
-        if not every:
-            if not present.any():
-                continue
-            agg = agg.take(present)
-        digests = _group_samples(vals, raw.bounds) if metric.digest else None
-        if digests is not None and not every:
-            digests = [d for d, k in zip(digests, present.tolist(), strict=True) if k]
-        glids = raw_lids if every else raw_lids[present]
-        # Coarsest first: week and day only read the (hour, value) samples; the hour states
-        # come last because they take those samples as their own and may change them.
-        for g in reversed(GRANULARITIES):
-            starts = parents[g] if every else parents[g][present]
-            _fold_groups(pstate, g, metric, dim, starts, glids, agg, digests, result)
-
-
-def _fold_groups(
-    pstate: PartitionState, g: str, metric: Metric, dim: str, starts: I64, glids: I64, agg: _Agg,
-    digests: list[Any] | None, result: FoldResult,
-) -> None:
-    """Cap, combine and apply (bucket, value) groups at granularity `g`."""
     cap = pstate.registry.cap(dim)
-    if cap is not None:
-        glids = _capped(pstate, g, metric, dim, cap, starts, glids, result)
-    q = composite(starts, glids)
-    if g == "hour" and cap is None:  # (hour, value) groups are distinct already
-        targets, tagg, children = q, agg, None
+    # Coarsest first: week and day only read the (hour, value) samples; the hour states
+    # come last because they take those samples as their own and may change them.
+    for g in reversed(GRANULARITIES):
+        shared: _CapRun | None = None  # the cap as decided for the first every-group metric
+        plans: list[tuple[I64, _Plan]] = []  # (value ids, plan) of every-group metrics
+        for mg in groups:
+            starts = parents[g] if mg.present is None else parents[g][mg.present]
+            glids = raw_lids if mg.present is None else raw_lids[mg.present]
+            if cap is not None:
+                run = None
+                if mg.present is None and shared is not None:
+                    run = _replay_cap(pstate, g, mg.metric, dim, shared, result)
+                if run is None:
+                    run = _capped(pstate, g, mg.metric, dim, cap, starts, glids, result)
+                    if mg.present is None and shared is None:
+                        shared = run
+                glids = run.mapped
+            plan = next((p for ids, p in plans if ids is glids), None)
+            if plan is None:
+                plan = _plan(starts, glids, one_to_one=g == "hour" and cap is None)
+                if mg.present is None:
+                    plans.append((glids, plan))
+            _apply_groups(pstate.table(g, mg.metric.name, dim), plan, mg, own=g == "hour", result=result)
+
+
+def _apply_groups(table: StateTable, plan: _Plan, mg: _MetricGroups, own: bool, result: FoldResult) -> None:
+    """Fold one metric's groups into the table's targets: aggregates vectorised, then samples."""
+    agg = plan.aggregate(mg.agg)
+    slots, created = table.ensure(plan.targets)
+    table.add(slots, agg.count, agg.total, agg.lo, agg.hi, agg.top)
+    result.touched.append((table, plan.targets))
+    result.rows_folded += int(agg.count.sum())
+    if mg.values is not None:
+        _absorb_values(table, slots, created, plan, mg, agg.count, own)
+
+
+def _absorb_values(table: StateTable, slots: I64, created: npt.NDArray[np.bool_], plan: _Plan,
+                   mg: _MetricGroups, tcount: I64, own: bool) -> None:
+    """Add each target's new values to its sample.
+
+    A target's new values are made contiguous with one gather, so a target without a big
+    group (most: a user in an hour) costs one copy, concatenate or deferred digest update,
+    instead of a sample object per group merged into another; new small states are made
+    by C-level maps. Groups with more than BIG_GROUP values bring a digest built once for
+    every granularity (a merge is much cheaper than feeding the values again). Only
+    hour-level states (`own`) may take a group's digest as their own; coarser ones get a
+    copy or a merge, so no two states ever share a digest object.
+    """
+    values, first = mg.values, mg.first
+    assert values is not None and first is not None
+    big = mg.agg.count > BIG_GROUP
+    any_big = bool(big.any())
+    if plan.inv is None:
+        tvals, tfirst, has_big = values, first, big
+        order = tstart = None
     else:
-        targets, inv = np.unique(q, return_inverse=True)
-        if targets.size == q.size:
-            order = np.argsort(q)
-            targets, tagg = q[order], agg.take(order)
-            children = None if digests is None else [[digests[i]] for i in order.tolist()]
+        order, tstart = plan.order(), plan.tstart()
+        lens = mg.agg.count[order]
+        ends = np.cumsum(lens)
+        begins = ends - lens
+        tvals = values[np.repeat(first[order] - begins, lens) + np.arange(int(ends[-1]))]
+        tfirst = begins[tstart[:-1]]
+        has_big = np.bincount(plan.inv, weights=big, minlength=tcount.size) > 0 if any_big else big[:0]
+    held = table.live_samples()
+    small = SMALL_SAMPLE
+    easy = created & (tcount <= small)  # new states with few values: a copy of them each
+    if any_big:
+        easy &= ~has_big
+    rest: I64 | None = None
+    if easy.any():
+        idx = np.flatnonzero(easy)
+        a = tfirst[idx]
+        views = map(tvals.__getitem__, map(slice, a.tolist(), (a + tcount[idx]).tolist()))
+        for slot, piece in zip(slots[idx].tolist(), map(np.ndarray.copy, views), strict=True):
+            held[slot] = piece  # a copy: a view would keep the whole batch alive
+        if idx.size == slots.size:
+            return
+        rest = np.flatnonzero(~easy)
+    targets = rest.tolist() if rest is not None else range(slots.size)
+    sel = slice(None) if rest is None else rest
+    withs = has_big[sel].tolist() if any_big else repeat(False)
+    ndarray = np.ndarray
+    for t, slot, a, c, with_big in zip(targets, slots[sel].tolist(), tfirst[sel].tolist(),
+                                         tcount[sel].tolist(), withs, strict=False):
+        cur = held[slot]
+        if not with_big:  # only small groups: take the raw values
+            new = tvals[a:a + c]
+            if cur is None:
+                held[slot] = new.copy() if c <= small else digest_of(new)
+            elif isinstance(cur, ndarray):
+                both = np.concatenate((cur, new))
+                held[slot] = both if both.size <= small else digest_of(both)
+            else:
+                table.defer(slot, new.copy() if c < PENDING_VALUES else new)
+            continue
+        # some big groups: their digests, plus the small groups' values as one array
+        rest_vals = None
+        if order is None or tstart is None:
+            gids: list[int] = [t]
         else:
-            tagg = _combine(inv, targets.size, agg)
-            children = None
-            if digests is not None:
-                children = [[] for _ in range(targets.size)]
-                for d, t in zip(digests, inv.tolist(), strict=True):
-                    children[t].append(d)
-    if digests is not None and children is None:
-        children = [[d] for d in digests]
-    _apply(pstate.table(g, metric.name, dim), targets, tagg, children, own=g == "hour", result=result)
+            ids = order[tstart[t]:tstart[t + 1]]
+            gids = ids[big[ids]].tolist()
+            if len(gids) < ids.size:
+                rest_vals = tvals[a:a + c][~np.repeat(big[ids], mg.agg.count[ids])]
+        digests = [mg.digest(i) for i in gids]
+        if cur is not None and not isinstance(cur, ndarray):
+            for d in digests:
+                cur.merge_inplace(d)
+            if rest_vals is not None:
+                table.defer(slot, rest_vals)
+            continue
+        parts: list[Sample] = digests if rest_vals is None else [*digests, rest_vals]
+        if len(parts) == 1:
+            held[slot] = absorb(cur, parts[0], own=own)
+        else:
+            held[slot] = absorb(cur, combine(parts, own=True), own=True)
 
 
 def _apply(table: StateTable, targets: I64, agg: _Agg, children: list[list[Any]] | None, own: bool,
            result: FoldResult) -> None:
-    """Fold target aggregates (and digests) into the table.
-
-    Only hour-level states may take a group's digest as their own; coarser ones get a
-    copy or a merge, so no two states ever share a digest object (arrays are never
-    changed in place, so sharing those is fine).
-    """
+    """Fold target aggregates (and, per target, the samples to add) into the table (re-delivery path)."""
     slots, _ = table.ensure(targets)
     table.add(slots, agg.count, agg.total, agg.lo, agg.hi, agg.top)
     result.touched.append((table, targets))
@@ -408,55 +663,153 @@ def _apply(table: StateTable, targets: I64, agg: _Agg, children: list[list[Any]]
         return
     held = table.digests
     for slot, parts in zip(slots.tolist(), children, strict=True):
-        held[slot] = absorb(held[slot], combine(parts, own), own=own or len(parts) > 1)
+        if len(parts) == 1:
+            held[slot] = absorb(held[slot], parts[0], own=own)
+        else:
+            held[slot] = absorb(held[slot], combine(parts, own=True), own=True)
 
 
 # --------------------------------------------------------------------------- cap
 
 
+@dataclass
+class _CapRun:
+    """What `_capped` decided for one metric at one granularity, per bucket, so that a metric
+    with the same groups and the same kept sets can take the decision as is (`_replay_cap`)."""
+
+    mapped: I64  # value id per group after the cap (__other__ where not kept)
+    other: int
+    buckets: list[int] = field(default_factory=list)
+    old: list[I64 | None] = field(default_factory=list)  # kept sets found
+    new: list[I64 | None] = field(default_factory=list)  # kept sets left (sorted by id)
+    gone: list[I64 | None] = field(default_factory=list)  # ids pushed out
+
+
+def _sorted(a: I64) -> I64:
+    return a if a.size < 2 or not bool((a[1:] < a[:-1]).any()) else np.sort(a)
+
+
+def _member(sorted_ids: I64, ids: I64) -> npt.NDArray[np.bool_]:
+    """Which `ids` are in `sorted_ids` (one binary search each)."""
+    if sorted_ids.size == 0:
+        return np.zeros(ids.size, dtype=bool)
+    pos = np.searchsorted(sorted_ids, ids)
+    return sorted_ids[np.minimum(pos, sorted_ids.size - 1)] == ids
+
+
 def _capped(
     pstate: PartitionState, g: str, metric: Metric, dim: str, cap: int, starts: I64, glids: I64,
     result: FoldResult,
-) -> I64:
+) -> _CapRun:
     """Label ids after the cardinality cap: values not kept get the __other__ id.
 
     Per (bucket, metric, dimension) the kept set is the `cap` values of smallest
     (hash, value) among all values seen, whatever the arrival order; a value that was kept
     and is pushed out by a smaller hash has its state moved into __other__.
+    Why vectorised over buckets: a batch touches dozens of hour buckets (late events), most
+    with a handful of rows all of whose values are kept already; one binary search of every
+    row in all the kept sets settles those, and only buckets with an unknown value take the
+    per-bucket path.
     """
     interner = pstate.interner(dim)
     other = interner.one(OTHER)
+    run = _CapRun(glids, other)
+    n = starts.size
+    if n == 0:
+        return run
+    order: I64 | None = None
+    if n > 1 and bool((starts[1:] < starts[:-1]).any()):
+        order = np.argsort(starts, kind="stable")
+        starts, ids_all = starts[order], glids[order]
+    else:
+        ids_all = glids
+    cuts = np.flatnonzero(starts[1:] != starts[:-1]) + 1
+    edges = [0, *cuts.tolist(), n]
+    buckets = starts[edges[:-1]].tolist()
+    kept = pstate.kept
+    name = metric.name
+    olds = [kept.get((g, b, name, dim)) for b in buckets]
+    known = [composite(b, o) for b, o in zip(buckets, olds, strict=True) if o is not None and o.size]
+    if known:
+        keys = np.concatenate(known) if len(known) > 1 else known[0]
+        if keys.size > 1 and bool((keys[1:] < keys[:-1]).any()):
+            keys = np.sort(keys)
+        hit = _member(keys, composite(starts, ids_all))
+    else:
+        hit = np.zeros(n, dtype=bool)
+    out = np.where(hit, ids_all, other)  # right for every bucket without an unknown value
+    run.buckets, run.old, run.new, run.gone = buckets, olds, list(olds), [None] * len(buckets)
+    unknown = np.flatnonzero(~hit & (ids_all != other))
+    if unknown.size:
+        for k in np.unique(np.searchsorted(cuts, unknown, side="right")).tolist():
+            lo, hi = edges[k], edges[k + 1]
+            bucket, old = buckets[k], olds[k]
+            new, gone, mapped = _cap_bucket(old, ids_all[lo:hi], other, cap, interner)
+            run.new[k], run.gone[k] = new, gone
+            if new is not None and new is not old:
+                kept[(g, bucket, name, dim)] = new
+            if gone is not None and gone.size:
+                _evict(pstate, pstate.table(g, name, dim), bucket, gone, other, result)
+            if mapped is not None:
+                out[lo:hi] = mapped
+    if order is not None:
+        out[order] = out.copy()
+    run.mapped = out
+    return run
+
+
+def _cap_bucket(old: I64 | None, ids: I64, other: int, cap: int,
+                interner: Interner) -> tuple[I64 | None, I64 | None, I64 | None]:
+    """One bucket's cap: (kept set after, ids pushed out, mapped ids or None if unchanged)."""
     hashes: I64 | None = None
-    out = glids.copy()
-    bucket_list = np.unique(starts)
-    for b in bucket_list.tolist():
-        rows = None if bucket_list.size == 1 else np.flatnonzero(starts == b)
-        ids = glids if rows is None else glids[rows]
-        scope: CapScope = (g, b, metric.name, dim)
-        old = pstate.kept.get(scope)
-        present = np.unique(ids)
-        present = present[present != other]
-        newcomers = present if old is None else present[~np.isin(present, old)]
-        if newcomers.size:
-            cand = newcomers if old is None else np.concatenate((old, newcomers))
-            if cand.size > cap:
-                if hashes is None:
-                    hashes = interner.hashes()
-                kept = _smallest(cand, hashes[cand], cap, interner.labels)
-                if old is not None:
-                    gone = old[~np.isin(old, kept)]
-                    if gone.size:
-                        _evict(pstate, pstate.table(g, metric.name, dim), b, gone, other, result)
-            else:
-                kept = cand
-            pstate.kept[scope] = kept
-            old = kept
-        mapped = np.where(np.isin(ids, old), ids, other) if old is not None else np.full(ids.size, other)
-        if rows is None:
-            out = mapped
-        else:
-            out[rows] = mapped
-    return out
+    if old is not None:
+        kept = _sorted(old)
+        hit = _member(kept, ids)
+        fresh = ~hit & (ids != other)
+        if not fresh.any():  # every value already kept (or already __other__)
+            return kept, None, None
+        if kept.size == cap:
+            # full: only a value below the largest kept (hash, value) can get in; values
+            # above it come back in every batch, so they are dropped before any sort
+            hashes = interner.hashes()
+            fresh &= hashes[ids] <= hashes[kept].max()
+            if not fresh.any():
+                return kept, None, np.where(hit, ids, other)
+        newcomers = np.unique(ids[fresh])
+    else:
+        kept = None
+        newcomers = np.unique(ids[ids != other])
+        if newcomers.size == 0:
+            return None, None, None
+    cand = newcomers if kept is None else np.concatenate((kept, newcomers))
+    gone = None
+    if cand.size > cap:
+        if hashes is None:
+            hashes = interner.hashes()
+        new = np.sort(_smallest(cand, hashes[cand], cap, interner.labels))
+        if kept is not None:
+            gone = kept[~_member(new, kept)]
+    else:
+        new = np.sort(cand)
+    return new, gone, np.where(_member(new, ids), ids, other)
+
+
+def _replay_cap(pstate: PartitionState, g: str, metric: Metric, dim: str, run: _CapRun,
+                result: FoldResult) -> _CapRun | None:
+    """Apply another metric's cap decision if this metric's kept sets are the same; else None."""
+    kept = pstate.kept
+    name = metric.name
+    for bucket, old in zip(run.buckets, run.old, strict=True):
+        mine = kept.get((g, bucket, name, dim))
+        if mine is not old and (mine is None or old is None or mine.size != old.size
+                                or not np.array_equal(mine, old)):
+            return None
+    for bucket, new, gone in zip(run.buckets, run.new, run.gone, strict=True):
+        if new is not None:
+            kept[(g, bucket, name, dim)] = new
+        if gone is not None and gone.size:
+            _evict(pstate, pstate.table(g, name, dim), bucket, gone, run.other, result)
+    return run
 
 
 def _smallest(cand: I64, hashes: I64, k: int, labels: list[str]) -> I64:
@@ -483,9 +836,11 @@ def _evict(pstate: PartitionState, table: StateTable, bucket: int, gone: I64, ot
               np.array([table.lo[slots].min()]), np.array([table.hi[slots].max()]),
               np.array([table.applied[slots].max()]))
     if table.with_digest:
-        parts = [table.digests[s] for s in slots.tolist() if table.digests[s] is not None]
+        table.settle(slots)
+        held = table.live_samples()
+        parts = [held[s] for s in slots.tolist() if held[s] is not None]
         if parts:  # the evicted states are dropped: their samples may be taken as they are
-            table.digests[o] = absorb(table.digests[o], combine(parts, own=True), own=True)
+            held[o] = absorb(held[o], combine(parts, own=True), own=True)
     keys = pstate._keys(table, q)
     table.delete(q)
     pstate.removed.update(keys)
@@ -509,7 +864,8 @@ def _fold_rows_checked(
     cap = pstate.registry.cap(dim)
     for g in GRANULARITIES:
         starts = lc.starts(g)[rows]
-        glids = _capped(pstate, g, metric, dim, cap, starts, row_lids, result) if cap is not None else row_lids
+        glids = _capped(pstate, g, metric, dim, cap, starts, row_lids, result).mapped if cap is not None \
+            else row_lids
         q = composite(starts, glids)
         table = pstate.table(g, metric.name, dim)
         slots = table.lookup(q)

@@ -26,14 +26,28 @@ Sample = Any  # TDigest | F64
 # smallest digest, and well under MAX_CENTROIDS so the digest built from them is exact too.
 SMALL_SAMPLE = 128
 
+# fastdigest's `batch_update` sorts its input; from a few hundred values it runs ~1.3-1.8x
+# faster on input that is sorted already, and `np.sort` costs a tenth of that gain.
+SORT_FROM = 512
+
+
+def digest_of(values: F64) -> TDigest:
+    """A new digest of `values` (sorted first when there are many: see SORT_FROM)."""
+    return digest_from_values(np.sort(values) if values.size >= SORT_FROM else values)
+
+
+def feed(digest: TDigest, values: F64) -> None:
+    """`digest.batch_update(values)`, sorted first when there are many (see SORT_FROM)."""
+    digest.batch_update(np.sort(values) if values.size >= SORT_FROM else values)
+
 
 def sample_of(values: F64) -> Sample:
     """A sample of `values` (the array is copied: it may be a view of a whole batch)."""
-    return values.copy() if values.size <= SMALL_SAMPLE else digest_from_values(values)
+    return values.copy() if values.size <= SMALL_SAMPLE else digest_of(values)
 
 
 def _settle(values: F64) -> Sample:
-    return values if values.size <= SMALL_SAMPLE else digest_from_values(values)
+    return values if values.size <= SMALL_SAMPLE else digest_of(values)
 
 
 def combine(parts: list[Sample], own: bool) -> Sample:
@@ -48,7 +62,7 @@ def combine(parts: list[Sample], own: bool) -> Sample:
         return _settle(np.concatenate(arrays))
     d = digests[0].copy() if len(digests) == 1 else merge_digests(digests)
     if arrays:
-        d.batch_update(np.concatenate(arrays))
+        feed(d, arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
     return d
 
 
@@ -63,7 +77,7 @@ def absorb(cur: Sample | None, delta: Sample, own: bool) -> Sample:
         d.batch_update(cur)
         return d
     if isinstance(delta, np.ndarray):
-        cur.batch_update(delta)
+        feed(cur, delta)
     else:
         cur.merge_inplace(delta)
     return cur
@@ -75,7 +89,7 @@ def to_digest(sample: Sample | None) -> TDigest | None:
         return sample
     if sample.size == 0:
         return new_digest()
-    return digest_from_values(sample)
+    return digest_of(sample)
 
 
 def exact_quantiles(values: F64, qs: tuple[float, ...]) -> list[float]:

@@ -15,12 +15,14 @@ one bucket are one contiguous range (eviction and flush read ranges, not scans).
 from __future__ import annotations
 
 import math
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
 from stream_agg.core.cardinality import cap_hash
+from stream_agg.core.sample import feed
 
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
@@ -30,6 +32,8 @@ LABEL_BITS = 32
 LABEL_SPACE = 1 << LABEL_BITS
 LABEL_MASK = LABEL_SPACE - 1
 HOUR = 3600
+# Values a digest state may have waiting (`StateTable.defer`): 512 float64 = 4 KB at most per state.
+PENDING_VALUES = 512
 
 
 def composite(bucket_starts: I64 | int, label_ids: I64 | int) -> Any:
@@ -53,31 +57,36 @@ class Interner:
         self.labels: list[str] = []
         self.ids: dict[str, int] = {}
         self._hashes: list[int] = []
+        self._hash_array: I64 = np.empty(0, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def intern(self, labels: list[str]) -> I64:
-        """Ids of `labels` (adding new ones)."""
-        ids = self.ids
-        get = ids.get
-        out = np.empty(len(labels), dtype=np.int64)
-        for i, label in enumerate(labels):
-            lid = get(label)
-            if lid is None:
-                lid = ids[label] = len(self.labels)
-                self.labels.append(label)
-            out[i] = lid
+        """Ids of `labels` (adding new ones). Known labels are looked up in one C-level pass."""
+        out = np.fromiter(map(self.ids.get, labels, repeat(-1)), dtype=np.int64, count=len(labels))
+        missing = np.flatnonzero(out < 0)
+        if missing.size:
+            ids = self.ids
+            for i in missing.tolist():
+                label = labels[i]
+                lid = ids.get(label)
+                if lid is None:
+                    lid = ids[label] = len(self.labels)
+                    self.labels.append(label)
+                out[i] = lid
         return out
 
     def one(self, label: str) -> int:
-        return int(self.intern([label])[0])
+        lid = self.ids.get(label)
+        return int(self.intern([label])[0]) if lid is None else lid
 
     def hashes(self) -> I64:
-        """Cap hash of every id (computed once per value)."""
-        if len(self._hashes) < len(self.labels):
+        """Cap hash of every id (computed once per value; the array is rebuilt only when ids are added)."""
+        if self._hash_array.size < len(self.labels):
             self._hashes.extend(cap_hash(v) for v in self.labels[len(self._hashes):])
-        return np.asarray(self._hashes, dtype=np.int64)
+            self._hash_array = np.asarray(self._hashes, dtype=np.int64)
+        return self._hash_array
 
     def compact(self, live: I64) -> I64 | None:
         """Keep only the ids in `live`; returns old id -> new id (-1 dead), or None if kept as is."""
@@ -88,6 +97,7 @@ class Interner:
         self.labels = [self.labels[i] for i in live.tolist()]
         self.ids = {v: i for i, v in enumerate(self.labels)}
         self._hashes = []
+        self._hash_array = np.empty(0, dtype=np.int64)
         return remap
 
 
@@ -109,13 +119,64 @@ class StateTable:
         self.hi: F64 = np.full(cap, -math.inf)
         self.applied: I64 = np.full(cap, -1, dtype=np.int64)
         self.dirty: BOOL = np.zeros(cap, dtype=bool)
-        self.digests: list[Any] = [None] * cap
+        self._samples: list[Any] = [None] * cap
+        # slot -> [value count, arrays...]: values waiting to go into that slot's digest
+        self._pending: dict[int, list[Any]] = {}
         self.used = 0  # slots handed out so far (free ones are reused first)
         self.free: list[int] = []
         self.any_dirty = False
 
     def __len__(self) -> int:
         return int(self.keys.size)
+
+    # ------------------------------------------------------------------ samples
+
+    @property
+    def digests(self) -> list[Any]:
+        """Percentile sample per slot (None, exact values, or a t-digest), complete."""
+        if self._pending:
+            self.settle()
+        return self._samples
+
+    def live_samples(self) -> list[Any]:
+        """The sample list as is, values given to `defer` not yet applied (for the fold,
+        which only replaces arrays and merges into digests; anyone else reads `digests`)."""
+        return self._samples
+
+    def defer(self, slot: int, values: F64) -> None:
+        """Add `values` (an array nobody changes) to the t-digest in `slot`, later.
+
+        Why: `batch_update` costs time in proportion to the digest's size, not only to the
+        values added, so a big digest fed a few values per batch (a day or week state of
+        a busy user) spent far more on the call than on the values. Values are collected
+        per slot and applied in one call once `PENDING_VALUES` are waiting, or as soon as
+        anyone reads `digests`.
+        """
+        held = self._pending.get(slot)
+        if held is None:
+            if values.size >= PENDING_VALUES:
+                feed(self._samples[slot], values)
+            else:
+                self._pending[slot] = [values.size, values]
+            return
+        held[0] += values.size
+        held.append(values)
+        if held[0] >= PENDING_VALUES:
+            del self._pending[slot]
+            feed(self._samples[slot], np.concatenate(held[1:]))
+
+    def settle(self, slots: I64 | None = None) -> None:
+        """Apply the deferred values (of `slots`, or all)."""
+        if not self._pending:
+            return
+        if slots is None:
+            pending, self._pending = self._pending, {}
+            items = pending.items()
+        else:
+            items = [(s, self._pending.pop(s)) for s in slots.tolist() if s in self._pending]
+        samples = self._samples
+        for slot, held in items:
+            feed(samples[slot], held[1] if len(held) == 2 else np.concatenate(held[1:]))
 
     # ------------------------------------------------------------------ addressing
 
@@ -149,10 +210,11 @@ class StateTable:
             fresh[take:] = np.arange(self.used, self.used + need)
             self.used += need
         self.slot_key[fresh] = q
-        keys = np.concatenate((self.keys, q))
-        slots = np.concatenate((self.slots, fresh))
-        order = np.argsort(keys, kind="stable")
-        self.keys, self.slots = keys[order], slots[order]
+        # merge the (few) new keys into the sorted ones: a move of the arrays, not a sort of them
+        order = np.argsort(q, kind="stable")
+        qs = q[order]
+        pos = np.searchsorted(self.keys, qs)
+        self.keys, self.slots = np.insert(self.keys, pos, qs), np.insert(self.slots, pos, fresh[order])
         return fresh
 
     def _grow(self, size: int) -> None:
@@ -168,17 +230,19 @@ class StateTable:
         self.hi = np.concatenate((self.hi, np.full(extra, -math.inf)))
         self.applied = np.concatenate((self.applied, np.full(extra, -1, dtype=np.int64)))
         self.dirty = np.concatenate((self.dirty, np.zeros(extra, dtype=bool)))
-        self.digests.extend([None] * extra)
+        self._samples.extend([None] * extra)
 
     def delete(self, q: I64) -> None:
         """Remove the states of composite keys `q` (absent ones are ignored)."""
-        slots = self.lookup(q)
-        present = slots >= 0
-        if not present.any():
+        if self.keys.size == 0 or q.size == 0:
             return
-        self._release(slots[present])
-        keep = ~np.isin(self.keys, q[present])
-        self.keys, self.slots = self.keys[keep], self.slots[keep]
+        pos = np.minimum(np.searchsorted(self.keys, q), self.keys.size - 1)
+        found = self.keys[pos] == q
+        if not found.any():
+            return
+        pos = np.unique(pos[found])  # positions in the sorted keys, each once
+        self._release(self.slots[pos])
+        self.keys, self.slots = np.delete(self.keys, pos), np.delete(self.slots, pos)
 
     def _release(self, slots: I64) -> None:
         self.slot_key[slots] = -1
@@ -188,8 +252,11 @@ class StateTable:
         self.hi[slots] = -math.inf
         self.applied[slots] = -1
         self.dirty[slots] = False
+        samples, pending = self._samples, self._pending
         for s in slots.tolist():
-            self.digests[s] = None
+            samples[s] = None
+            if pending:
+                pending.pop(s, None)
         self.free.extend(slots.tolist())
 
     def bucket_range(self, bucket_start: int) -> slice:
