@@ -84,19 +84,27 @@ def test_end_to_end_synthetic_and_hand_made(cfg: Config, tmp_path: Path) -> None
         assert conn.execute("SELECT count(*) FROM spans WHERE trace_id LIKE 'hand-%%'").fetchone()[0] == 3
 
 
-def _reset_db(url: str, admin_url: str) -> str:
+def _second_db(url: str, admin_url: str, request: pytest.FixtureRequest) -> str:
+    """A fresh database beside the test's own, dropped when the test ends."""
     name = url.rsplit("/", 1)[1] + "_b"
+
+    def drop() -> None:
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    drop()
     with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.execute(f'CREATE DATABASE "{name}"')
+    request.addfinalizer(drop)
     return url.rsplit("/", 1)[0] + "/" + name
 
 
-def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: str, tmp_path: Path) -> None:
+def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: str, tmp_path: Path,
+                                                  request: pytest.FixtureRequest) -> None:
     payloads = generate_events(100_000, seed=11, start=START, hours=20, users=500)
     produce(cfg, payloads, batch=200)
     total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
-    other_db = _reset_db(cfg.database_url, pg_server_url)
+    other_db = _second_db(cfg.database_url, pg_server_url, request)
     clean = cfg.with_overrides(database_url=other_db, group_id=cfg.group_id + "-clean")
     try:
         uninterrupted = WorkerProcess(clean, tmp_path / "clean.log").start()
