@@ -131,15 +131,18 @@ class PartitionState:
         return [(g, b, m, d, labels[lid]) for b, lid in
                 zip(bucket_of(comps).tolist(), (comps & LABEL_MASK).tolist(), strict=True)]
 
-    def bucket_states(self, bucket: BucketId) -> Iterator[tuple[str, str, str, AggState]]:
-        """(metric, dimension, value, state) of every key of one bucket (states share digests)."""
+    def _bucket_tables(self, bucket: BucketId) -> Iterator[tuple[str, str, StateTable, slice]]:
+        """(metric, dimension, table, positions) of every table holding keys of `bucket`."""
         g, b = bucket
         for (tg, metric, dim), t in self.tables.items():
-            if tg != g:
-                continue
-            rng = t.bucket_range(b)
-            if rng.start == rng.stop:
-                continue
+            if tg == g:
+                rng = t.bucket_range(b)
+                if rng.start != rng.stop:
+                    yield metric, dim, t, rng
+
+    def bucket_states(self, bucket: BucketId) -> Iterator[tuple[str, str, str, AggState]]:
+        """(metric, dimension, value, state) of every key of one bucket (states share digests)."""
+        for metric, dim, t, rng in self._bucket_tables(bucket):
             labels = self.interners[dim].labels
             for comp, slot in zip(t.keys[rng].tolist(), t.slots[rng].tolist(), strict=True):
                 yield metric, dim, labels[comp & LABEL_MASK], self._state(t, slot)
@@ -150,14 +153,8 @@ class PartitionState:
         Headers are packed for a whole table at once and small samples are written as
         their values, so no AggState or digest is made per key on the folding thread.
         """
-        g, b = bucket
         items: list[tuple[str, str, str, bytes]] = []
-        for (tg, metric, dim), t in self.tables.items():
-            if tg != g:
-                continue
-            rng = t.bucket_range(b)
-            if rng.start == rng.stop:
-                continue
+        for metric, dim, t, rng in self._bucket_tables(bucket):
             slots = t.slots[rng]
             labels = self.interners[dim].labels
             names = [labels[lid] for lid in (t.keys[rng] & LABEL_MASK).tolist()]
@@ -174,9 +171,6 @@ class PartitionState:
                 items.extend((metric, dim, name, head + _sample_bytes(x))
                              for name, head, x in zip(names, heads, samples, strict=True))
         return encode_bucket_bytes(items), len(items)
-
-    def keys_of(self, bucket: BucketId) -> set[Key]:
-        return {(bucket[0], bucket[1], m, d, v) for m, d, v, _ in self.bucket_states(bucket)}
 
     @property
     def states(self) -> dict[Key, AggState]:

@@ -132,7 +132,6 @@ class Processor:
         self.pending_events = 0
         self.poisoned = False
         self.topic_partitions: int | None = None  # set by the shell from topic metadata
-        self._digests = {m.name for m in registry.metrics if m.digest}
 
     # ----------------------------------------------------------------- assignment
 
