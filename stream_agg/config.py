@@ -114,7 +114,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("partitions", _positive(int), "8", "Partitions created for the topic if it does not exist"),
     Setting("flush_interval", _positive(_parse_duration), "5s",
             "How often changed buckets are upserted (under load: at least twice the last flush's duration; "
-            "once caught up: this interval)"),
+            "once caught up, i.e. no message for 1 s: within a second)"),
     Setting("grace", _non_negative(_parse_duration), "60s", "A bucket closes when the watermark passes end + grace"),
     Setting("out_of_orderness", _non_negative(_parse_duration), "30s",
             "Allowed disorder: watermark = max event time seen - this"),
@@ -130,6 +130,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("archive", _parse_bool, "true", "Write valid events to the raw traces/spans tables"),
     Setting("max_pending_events", _positive(int), "2000000",
             "Folded-but-unflushed events held while PostgreSQL is down before consumption pauses"),
+    Setting("closed_cache_states", _non_negative(int), "500000",
+            "States of closed buckets kept in memory after their final flush, so late events fold "
+            "in without reading the bucket back from PostgreSQL; least recently folded into go "
+            "first (0 = evict at close)"),
     Setting("metrics_port", _port, "9108", "Prometheus metrics HTTP port (0 = off)"),
     Setting("session_timeout", _positive(_parse_duration), "30s",
             "Kafka consumer session timeout (a dead worker's partitions move after this)"),
@@ -164,6 +168,7 @@ class Config:
     batch_timeout: float
     archive: bool
     max_pending_events: int
+    closed_cache_states: int
     metrics_port: int
     session_timeout: float
     heartbeat_interval: float

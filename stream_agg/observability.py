@@ -70,6 +70,10 @@ class Metrics:
         self.open_buckets = Gauge(
             "stream_agg_open_buckets", "Buckets held in memory (not yet closed), by granularity.",
             ["granularity"], registry=r)
+        self.cached_buckets = Gauge(
+            "stream_agg_closed_buckets_cached",
+            "Closed buckets (final values flushed) kept in memory for late events, by granularity.",
+            ["granularity"], registry=r)
         self.watermark_lag = Gauge(
             "stream_agg_watermark_lag_seconds",
             "Wall clock minus the partition's event-time watermark.", ["partition"], registry=r)

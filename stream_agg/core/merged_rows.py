@@ -1,52 +1,124 @@
 """metrics_aggregates rows of whole buckets, merged across the partitions held in memory.
 
 Why vectorised: with one worker owning every partition, each flush rewrites the rows
-of every bucket that changed, tens of thousands per flush under load. Doing that per
-key (an AggState per partition, a merge, a digest) cost as much as folding the events.
-Here count / sum / min / max are merged with numpy across partitions per table; only
-digest metrics do per-key work, and only for their digest.
+of every key that changed, 100,000 and more per flush under load. Doing that per key
+(an AggState per partition, a merge, a digest, a tuple for psycopg) cost more than
+folding the events. Here count / sum / min / max are merged with numpy across
+partitions per table, and so are the exact percentiles of small samples (values sorted
+per row with one `lexsort`); only rows holding a t-digest do per-row work. The result
+is a `RowBlock` of columns per table, which `store.rows_copy` renders as binary COPY.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Container, Iterable, Sequence
-from itertools import repeat
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from stream_agg.core.aggstate import digest_to_bytes, values_to_digest_bytes
+from stream_agg.core.aggstate import VALUES_DIGEST_VERSION, AggState, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.partition_state import BucketId, Key, PartitionState, TableId
-from stream_agg.core.sample import combine, exact_quantiles
-from stream_agg.core.state_table import HOUR, I64, LABEL_BITS, LABEL_MASK, LABEL_SPACE, Interner
+from stream_agg.core.sample import SMALL_SAMPLE, combine, to_digest
+from stream_agg.core.state_table import F64, HOUR, I64, LABEL_BITS, LABEL_MASK, LABEL_SPACE, Interner
 
 QUANTILES = (0.5, 0.95, 0.99)
-Row = tuple[Any, ...]  # the columns of metrics_aggregates the stream writes, in COPY order
+_Q = np.asarray(QUANTILES)
+Row = tuple[Any, ...]  # the columns of metrics_aggregates the stream writes, in `Row` order (see RowBlock.rows)
+_VALUES_PREFIX = bytes((VALUES_DIGEST_VERSION,))
 
 
-def merged_rows(pstates: Sequence[PartitionState], buckets: Iterable[BucketId],
-                only: Container[Key] | None = None) -> dict[Key, Row]:
-    """Key -> merged row for every key of `buckets` held by any of `pstates` (and in `only`).
+@dataclass
+class RowBlock:
+    """Merged rows of one (granularity, metric, dimension): one entry per row in each column.
 
-    `pstates` must be in partition order (digests merge in that order, so the same
-    partials always give the same bytes). Nothing in the live states is changed.
+    `quantiles` is (n, 3) with NaN for NULL (events are validated finite, so a real
+    percentile is never NaN), or None for a metric without percentiles; `digests` holds
+    the stored digest bytes (None = NULL), or is None for such a metric.
     """
-    wanted: dict[str, list[int]] = {}
+
+    granularity: str
+    metric: str
+    dimension: str
+    hours: I64  # bucket start, in hours since the epoch
+    labels: list[str]
+    count: I64
+    total: F64
+    lo: F64
+    hi: F64
+    quantiles: F64 | None
+    digests: list[bytes | None] | None
+
+    def __len__(self) -> int:
+        return int(self.hours.size)
+
+    def keys(self) -> Iterator[Key]:
+        g, m, d = self.granularity, self.metric, self.dimension
+        for h, v in zip(self.hours.tolist(), self.labels, strict=True):
+            yield (g, h * HOUR, m, d, v)
+
+    def rows(self) -> Iterator[tuple[Key, Row]]:
+        """(key, row) pairs, the row as (bucket_time, granularity, metric, dimension, value,
+        count, sum, min, max, avg, p50, p95, p99, digest) with None for NULL (tests, tools)."""
+        g, m, d = self.granularity, self.metric, self.dimension
+        qs = (self.quantiles.tolist() if self.quantiles is not None else [[math.nan] * 3] * len(self))
+        digests = self.digests if self.digests is not None else [None] * len(self)
+        for key, c, s, a, b, q, dg in zip(self.keys(), self.count.tolist(), self.total.tolist(), self.lo.tolist(),
+                                          self.hi.tolist(), qs, digests, strict=True):
+            q3 = [None if math.isnan(x) else x for x in q]
+            yield key, (to_datetime(key[1]), g, m, d, key[4], c, s, a, b, s / c if c else None, *q3, dg)
+
+
+def merged_rows(pstates: Sequence[PartitionState], buckets: Collection[BucketId]) -> dict[Key, Row]:
+    """Key -> merged row of every key of `buckets` held by any of `pstates` (tests and tools)."""
+    return {key: row for block in merged_blocks(pstates, buckets) for key, row in block.rows()}
+
+
+def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketId],
+                  changed: Sequence[Mapping[TableId, I64]] | None = None,
+                  also: Collection[Key] = ()) -> list[RowBlock]:
+    """Merged rows of `buckets` across `pstates`: every key held, or only the keys in `changed`
+    and `also`.
+
+    `changed[i]` holds, per table, composite keys of `pstates[i]` (its own value ids), as
+    `PartitionState.take_changes` returns them; a key changed in one partition is merged
+    from all. `also` names more keys (those a partition removed: still held by another,
+    their row must lose that partition's part). `pstates` must be in partition order
+    (digests merge in that order, so the same partials always give the same bytes).
+    Nothing in the live states is changed.
+    """
+    wanted: dict[str, I64] = {}
     for g, b in buckets:
-        wanted.setdefault(g, []).append(b)
+        wanted.setdefault(g, []).append(b // HOUR)  # type: ignore[arg-type]
+    hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in wanted.items()}
     glob: dict[str, Interner] = {}
     trans: dict[tuple[int, str], I64] = {}
     tids: dict[TableId, None] = {}
-    for ps in pstates:
-        for tid in ps.tables:
-            if tid[0] in wanted:
+    for i, ps in enumerate(pstates):
+        source = ps.tables if changed is None else changed[i]
+        for tid in source:
+            if tid[0] in hours:
                 tids[tid] = None
-    out: dict[Key, Row] = {}
+    extra: dict[TableId, list[Key]] = {}
+    for key in also:
+        if key[0] in hours:
+            extra.setdefault((key[0], key[2], key[3]), []).append(key)
+            tids[(key[0], key[2], key[3])] = None
+    blocks = []
     for tid in tids:
-        _table_rows(pstates, tid, sorted(wanted[tid[0]]), glob, trans, out, only)
-    return out
+        more = None
+        if tid in extra:
+            it = glob.setdefault(tid[2], Interner())
+            ks = extra[tid]
+            more = (np.array([k[1] // HOUR for k in ks], dtype=np.int64) * LABEL_SPACE
+                    + it.intern([k[4] for k in ks]))
+        block = _table_block(pstates, tid, hours[tid[0]], glob, trans,
+                             None if changed is None else [c.get(tid) for c in changed], more)
+        if block is not None:
+            blocks.append(block)
+    return blocks
 
 
 def _translation(ps_index: int, ps: PartitionState, dim: str, glob: dict[str, Interner],
@@ -60,72 +132,145 @@ def _translation(ps_index: int, ps: PartitionState, dim: str, glob: dict[str, In
     return t
 
 
-def _table_rows(pstates: Sequence[PartitionState], tid: TableId, buckets: list[int],
-                glob: dict[str, Interner], trans: dict[tuple[int, str], I64], out: dict[Key, Row],
-                only: Container[Key] | None) -> None:
+def _globalize(keys: I64, tr: I64) -> I64:
+    return (keys >> LABEL_BITS) * LABEL_SPACE + tr[keys & LABEL_MASK]
+
+
+def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, glob: dict[str, Interner],
+                 trans: dict[tuple[int, str], I64], changed: list[I64 | None] | None,
+                 more: I64 | None) -> RowBlock | None:
     g, metric, dim = tid
-    comps: list[I64] = []
-    cols: list[tuple[I64, Any, Any, Any, I64]] = []
-    samples: list[Any] = []
+    only: I64 | None = None
+    if changed is not None:  # the changed keys of the wanted buckets, in the shared id space
+        parts = [] if more is None else [more[np.isin(more >> LABEL_BITS, hours)]]
+        for i, (ps, comps) in enumerate(zip(pstates, changed, strict=True)):
+            if comps is not None and comps.size:
+                comps = comps[np.isin(comps >> LABEL_BITS, hours)]
+                parts.append(_globalize(comps, _translation(i, ps, dim, glob, trans)))
+        if not parts:
+            return None
+        only = np.unique(np.concatenate(parts))
+    comps_all: list[I64] = []
+    slots_all: list[tuple[Any, I64]] = []
     with_digest = False
     for i, ps in enumerate(pstates):
         t = ps.tables.get(tid)
-        if t is None:
+        if t is None or t.keys.size == 0:
             continue
         with_digest = t.with_digest
-        pos = np.concatenate([np.arange(r.start, r.stop) for r in (t.bucket_range(b) for b in buckets)])
+        pos = np.flatnonzero(np.isin(t.keys >> LABEL_BITS, hours))
         if pos.size == 0:
             continue
-        keys, slots = t.keys[pos], t.slots[pos]
-        tr = _translation(i, ps, dim, glob, trans)
-        comps.append((keys >> LABEL_BITS) * LABEL_SPACE + tr[keys & LABEL_MASK])
-        cols.append((t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], slots))
-        if with_digest:
-            samples.extend(t.digests[s] for s in slots.tolist())
-    if not comps:
-        return
-    allc = np.concatenate(comps)
+        gk = _globalize(t.keys[pos], _translation(i, ps, dim, glob, trans))
+        if only is not None:
+            hit = np.isin(gk, only)
+            pos, gk = pos[hit], gk[hit]
+            if pos.size == 0:
+                continue
+        comps_all.append(gk)
+        slots_all.append((t, t.slots[pos]))
+    if not comps_all:
+        return None
+    allc = np.concatenate(comps_all)
     uq, inv = np.unique(allc, return_inverse=True)
     n = uq.size
-    labels = glob[dim].labels
-    hours = (uq >> LABEL_BITS).tolist()
-    names = [labels[lid] for lid in (uq & LABEL_MASK).tolist()]
-    wanted = None if only is None else [(g, h * HOUR, metric, dim, name) in only
-                                         for h, name in zip(hours, names, strict=True)]
-    count = np.bincount(inv, weights=np.concatenate([c[0] for c in cols]), minlength=n).astype(np.int64)
-    total = np.bincount(inv, weights=np.concatenate([c[1] for c in cols]), minlength=n)
+    count = np.zeros(n, dtype=np.int64)
+    total = np.zeros(n)
     lo = np.full(n, math.inf)
-    np.minimum.at(lo, inv, np.concatenate([c[2] for c in cols]))
     hi = np.full(n, -math.inf)
-    np.maximum.at(hi, inv, np.concatenate([c[3] for c in cols]))
-    times = {h: to_datetime(h * HOUR) for h in set(hours)}
-    counts, totals, los, his = count.tolist(), total.tolist(), lo.tolist(), hi.tolist()
-    if not with_digest:
-        for h, name, c, s, a, b, w in zip(hours, names, counts, totals, los, his, wanted or repeat(True),
-                                          strict=False):
-            if not w:
-                continue
-            out[(g, h * HOUR, metric, dim, name)] = (times[h], g, metric, dim, name, c, s, a, b,
-                                                     s / c if c else None, None, None, None, None)
-        return
-    groups: list[list[Any]] = [[] for _ in range(n)]
-    for j, x in zip(inv.tolist(), samples, strict=True):
-        if x is not None:
-            groups[j].append(x)
-    for h, name, c, s, a, b, parts, w in zip(hours, names, counts, totals, los, his, groups,
-                                             wanted or repeat(True), strict=False):
-        if not w:
-            continue
-        qs: list[float | None] = [None, None, None]
-        stored: bytes | None = None
-        sample = combine(parts, own=False) if parts else None
-        if isinstance(sample, np.ndarray):  # small: exact percentiles, values stored as they are
-            if sample.size and c:
-                qs = list(exact_quantiles(sample, QUANTILES))
-            stored = values_to_digest_bytes(sample)
-        elif sample is not None:
-            if c and not sample.is_empty():
-                qs = [float(sample.quantile(q)) for q in QUANTILES]
-            stored = digest_to_bytes(sample)
-        out[(g, h * HOUR, metric, dim, name)] = (times[h], g, metric, dim, name, c, s, a, b,
-                                                 s / c if c else None, qs[0], qs[1], qs[2], stored)
+    start = 0
+    for t, slots in slots_all:  # partition by partition: inv[start:stop] are this one's rows
+        stop = start + slots.size
+        r = inv[start:stop]  # distinct within one partition (its keys are distinct)
+        count[r] += t.count[slots]
+        total[r] += t.total[slots]
+        lo[r] = np.minimum(lo[r], t.lo[slots])
+        hi[r] = np.maximum(hi[r], t.hi[slots])
+        start = stop
+    labels_all = glob[dim].labels
+    block = RowBlock(g, metric, dim, uq >> LABEL_BITS, [labels_all[x] for x in (uq & LABEL_MASK).tolist()],
+                     count, total, lo, hi, None, None)
+    if with_digest:
+        samples = [x for t, slots in slots_all for x in _samples_of(t, slots)]
+        block.quantiles, block.digests = _merge_samples(samples, inv, n, count)
+    return block
+
+
+def _samples_of(t: Any, slots: I64) -> list[Any]:
+    digests = t.digests
+    return [digests[s] for s in slots.tolist()]
+
+
+def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F64, list[bytes | None]]:
+    """Per row: percentiles and stored digest bytes of the merge of its partitions' samples.
+
+    Rows whose parts are all small value arrays summing to at most SMALL_SAMPLE values
+    (most rows) are done together: values sorted per row, PERCENTILE_CONT by index
+    arithmetic, bytes sliced from one buffer. The others combine as `sample.combine` does.
+    """
+    m = len(samples)
+    kind = np.fromiter((0 if x is None else 1 if type(x) is np.ndarray else 2 for x in samples),
+                       dtype=np.int8, count=m)
+    size = np.zeros(m, dtype=np.int64)
+    arr = np.flatnonzero(kind == 1)
+    size[arr] = np.fromiter((samples[j].size for j in arr.tolist()), dtype=np.int64, count=arr.size)
+    has_digest = np.bincount(inv, weights=kind == 2, minlength=n) > 0
+    has_values = np.bincount(inv, weights=kind == 1, minlength=n) > 0
+    nvals = np.bincount(inv, weights=size, minlength=n).astype(np.int64)
+    small = ~has_digest & has_values & (nvals <= SMALL_SAMPLE)
+    quantiles = np.full((n, 3), math.nan)
+    digests: list[bytes | None] = [None] * n
+    # ---- small rows, together
+    parts = arr[small[inv[arr]]]
+    if parts.size:
+        rows_of_parts = inv[parts]
+        values = np.concatenate([samples[j] for j in parts.tolist()]).astype(np.float64, copy=False)
+        seg = np.repeat(rows_of_parts, size[parts])
+        order = np.lexsort((values, seg))
+        values, seg = values[order], seg[order]
+        rows = np.flatnonzero(small)
+        per = nvals[rows]
+        first = np.zeros(rows.size, dtype=np.int64)
+        np.cumsum(per[:-1], out=first[1:])
+        ok = (per > 0) & (count[rows] > 0)
+        last = per[ok] - 1
+        pos = _Q[None, :] * last[:, None]
+        low = pos.astype(np.int64)
+        high = np.minimum(low + 1, last[:, None])
+        base = first[ok][:, None]
+        x_lo, x_hi = values[base + low], values[base + high]
+        quantiles[rows[ok]] = x_lo + (x_hi - x_lo) * (pos - low)
+        raw = values.astype("<f8", copy=False).tobytes()
+        for r, a, k in zip(rows.tolist(), (first * 8).tolist(), (per * 8).tolist(), strict=True):
+            digests[r] = _VALUES_PREFIX + raw[a:a + k]
+    # ---- the others, one by one
+    big = np.flatnonzero(has_values & ~small | has_digest)
+    if big.size:
+        members = np.flatnonzero(np.isin(inv, big) & (kind > 0))
+        groups: dict[int, list[Any]] = {}
+        for j, r in zip(members.tolist(), inv[members].tolist(), strict=True):
+            groups.setdefault(r, []).append(samples[j])
+        for r, group in groups.items():
+            sample = to_digest(combine(group, own=False))  # a digest: these rows are not small
+            if count[r] and not sample.is_empty():
+                quantiles[r] = [float(sample.quantile(q)) for q in QUANTILES]
+            digests[r] = digest_to_bytes(sample)
+    return quantiles, digests
+
+
+def blocks_from_states(items: Iterable[tuple[Key, AggState]]) -> list[RowBlock]:
+    """Row blocks of merged AggStates (the per-key merge path: other workers' partials, replay)."""
+    groups: dict[TableId, list[tuple[Key, AggState]]] = {}
+    for key, state in items:
+        groups.setdefault((key[0], key[2], key[3]), []).append((key, state))
+    blocks = []
+    for (g, metric, dim), members in groups.items():
+        states = [s for _, s in members]
+        quantiles = np.array([[math.nan if (x := s.quantile(q)) is None else x for q in QUANTILES] for s in states],
+                             dtype=np.float64).reshape(len(states), 3)
+        blocks.append(RowBlock(
+            g, metric, dim, np.array([k[1] // HOUR for k, _ in members], dtype=np.int64), [k[4] for k, _ in members],
+            np.array([s.count for s in states], dtype=np.int64), np.array([s.sum for s in states], dtype=np.float64),
+            np.array([s.min for s in states], dtype=np.float64), np.array([s.max for s in states], dtype=np.float64),
+            quantiles, [None if s.digest is None else digest_to_bytes(s.digest) for s in states]))
+    return blocks

@@ -9,7 +9,7 @@ flush (`take_changes`), not once per batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
 
@@ -32,6 +32,27 @@ Key = tuple[str, int, str, str, str]
 BucketId = tuple[str, int]
 TableId = tuple[str, str, str]  # (granularity, metric, dimension)
 CapScope = tuple[str, int, str, str]  # (granularity, bucket_start, metric, dimension_type)
+
+
+@dataclass
+class Changes:
+    """Changes of one partition taken for a flush: arrays, so 100,000 keys cost no tuples.
+
+    `tables`: sorted composite keys (this partition's value ids) of states new or changed;
+    `removed`: keys whose state was pushed into `__other__` (by a cap) and is gone.
+    """
+
+    tables: dict[TableId, I64]
+    removed: set[Key]
+
+    def __bool__(self) -> bool:
+        return bool(self.tables) or bool(self.removed)
+
+    def buckets(self) -> set[BucketId]:
+        out = {(k[0], k[1]) for k in self.removed}
+        for (g, _, _), comps in self.tables.items():
+            out.update((g, b) for b in np.unique(bucket_of(comps)).tolist())
+        return out
 
 
 @dataclass
@@ -184,26 +205,48 @@ class PartitionState:
     def __len__(self) -> int:
         return sum(len(t) for t in self.tables.values())
 
+    def bucket_sizes(self) -> dict[BucketId, int]:
+        """Number of states held per bucket."""
+        out: dict[BucketId, int] = {}
+        for (g, _, _), t in self.tables.items():
+            if t.keys.size:
+                starts, counts = np.unique(bucket_of(t.keys), return_counts=True)
+                for b, n in zip(starts.tolist(), counts.tolist(), strict=True):
+                    out[(g, b)] = out.get((g, b), 0) + n
+        return out
+
     # ------------------------------------------------------------------ changes
 
-    def take_changes(self) -> tuple[set[Key], set[Key]]:
-        """(changed, removed) keys since the last call; clears the marks."""
-        changed: set[Key] = set()
-        for t in self.tables.values():
+    def take_changes(self) -> Changes:
+        """What changed since the last call (composite keys per table, removed keys); clears the marks."""
+        tables: dict[TableId, I64] = {}
+        for tid, t in self.tables.items():
             slots = t.take_dirty()
             if slots.size:
-                changed.update(self._keys(t, t.slot_key[slots]))
-        removed = self.removed - changed
+                tables[tid] = np.sort(t.slot_key[slots])
+        removed = {k for k in self.removed if self._locate(k) is None}  # else re-added: in `tables`
         self.removed = set()
-        return changed, removed
+        return Changes(tables, removed)
 
-    def restore_changes(self, changed: set[Key], removed: set[Key]) -> None:
+    def restore_changes(self, changes: Changes) -> None:
         """Put changes taken by `take_changes` back (a flush that failed)."""
-        for key in changed:
-            found = self._locate(key)
-            if found is not None:
-                found[0].mark_dirty(np.array([found[1]], dtype=np.int64))
-        self.removed |= {k for k in removed if self._locate(k) is None}
+        for tid, comps in changes.tables.items():
+            t = self.tables.get(tid)
+            if t is not None:
+                slots = t.lookup(comps)
+                t.mark_dirty(slots[slots >= 0])
+        self.removed |= {k for k in changes.removed if self._locate(k) is None}
+
+    def keys_of(self, changes: Changes, skip: Collection[BucketId] = ()) -> set[Key]:
+        """The changed and removed keys of `changes` as Keys, but those of buckets in `skip`."""
+        out: set[Key] = set()
+        for tid, comps in changes.tables.items():
+            if skip:
+                comps = comps[~np.isin(bucket_of(comps), [b for g, b in skip if g == tid[0]])]
+            if comps.size:
+                out.update(self._keys(self.tables[tid], comps))
+        out.update(k for k in changes.removed if (k[0], k[1]) not in skip)
+        return out
 
     def has_changes(self) -> bool:
         return bool(self.removed) or any(t.any_dirty for t in self.tables.values())

@@ -25,8 +25,9 @@ import numpy as np
 
 from stream_agg.config import Config
 from stream_agg.core.buckets import GRANULARITIES, SPAN
-from stream_agg.core.fold import BucketId, Columns, Key, PartitionState, event_times, fold, to_columns
-from stream_agg.core.merged_rows import merged_rows
+from stream_agg.core.fold import BucketId, Columns, PartitionState, event_times, fold, to_columns
+from stream_agg.core.merged_rows import merged_blocks
+from stream_agg.core.partition_state import Changes
 from stream_agg.core.registry import Registry
 from stream_agg.core.watermark import Watermark, WatermarkPolicy
 from stream_agg.events import TraceEvent, decode_message, encode_event
@@ -36,6 +37,11 @@ from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFl
 
 log = logging.getLogger(__name__)
 
+# A cached closed bucket not folded into for this long is evicted even under the state
+# budget: late events come in bursts (a producer's retry queue, a replayed backlog), and a
+# bucket quiet for ten minutes is cheaper to read back once than to hold for days.
+CACHE_IDLE_SECONDS = 600.0
+
 
 @dataclass
 class Snapshot:
@@ -43,7 +49,7 @@ class Snapshot:
 
     payload: FlushPayload | None
     closing: dict[int, list[BucketId]]
-    changed_by: dict[int, tuple[set[Key], set[Key]]]
+    changes: dict[int, Changes]
     refs: list[Any]
     pending_events: int
     taken_at: float
@@ -94,6 +100,8 @@ class PartitionContext:
     next_offset: int = 0
     base_offset: int | None = None  # next_offset as last persisted (fencing)
     dirty: bool = False  # offsets / watermark moved since the last flush (states track their own)
+    # closed buckets whose final values are flushed, kept for late events -> wall time last folded into
+    cached: dict[BucketId, float] = field(default_factory=dict)
 
 
 def _policy(config: Config) -> WatermarkPolicy:
@@ -109,6 +117,7 @@ class _Prepared:
     offsets: np.ndarray
     cols: Columns | None
     late: int
+    buckets: set[BucketId]
     missing: list[BucketId]
     dlq: list[DlqRecord]
 
@@ -222,7 +231,7 @@ class Processor:
         self.metrics.messages_consumed.inc(len(msgs))
         offs = np.asarray(offsets, dtype=np.int64)
         if not events:
-            return _Prepared(ctx, msgs, events, offs, None, 0, [], dlq)
+            return _Prepared(ctx, msgs, events, offs, None, 0, set(), [], dlq)
         ts = event_times(events)
         classified = ctx.watermark.classify(ts)
         if classified.too_late.any():
@@ -232,8 +241,9 @@ class Processor:
             events = [e for e, k in zip(events, keep.tolist(), strict=True) if k]
             offs, ts = offs[keep], ts[keep]
         cols = to_columns(events, offs, self.registry, ts=ts) if events else None
-        missing = sorted(cols.buckets() - ctx.pstate.buckets) if cols is not None else []
-        return _Prepared(ctx, msgs, events, offs, cols, int(classified.late.sum()), missing, dlq)
+        buckets = cols.buckets() if cols is not None else set()
+        missing = sorted(buckets - ctx.pstate.resident)
+        return _Prepared(ctx, msgs, events, offs, cols, int(classified.late.sum()), buckets, missing, dlq)
 
     def _apply(self, prep: _Prepared, out: Outcome) -> None:
         ctx = prep.ctx
@@ -241,7 +251,9 @@ class Processor:
             fold(ctx.pstate, prep.cols)
             ts_max = float(prep.cols.ts.max())
             ctx.watermark.max_event_time = max(ctx.watermark.max_event_time, ts_max)
-            ctx.watermark.last_event_wall = self.clock()
+            ctx.watermark.last_event_wall = now = self.clock()
+            for b in prep.buckets & ctx.cached.keys():
+                ctx.cached[b] = now
             if self.config.archive:
                 self._archive(prep.events, prep.offsets, ctx.partition)
         ctx.next_offset = prep.msgs[-1].offset + 1
@@ -270,7 +282,9 @@ class Processor:
     # ----------------------------------------------------------------- flushing
 
     def closed_buckets(self, ctx: PartitionContext, now: float) -> list[BucketId]:
-        return sorted(b for b in ctx.pstate.buckets if ctx.watermark.is_closed(b[1] + SPAN[b[0]], now))
+        """Buckets closed by the watermark whose final flush is still to come."""
+        return sorted(b for b in ctx.pstate.resident
+                      if b not in ctx.cached and ctx.watermark.is_closed(b[1] + SPAN[b[0]], now))
 
     def has_work(self, now: float) -> bool:
         return any(c.dirty or c.pstate.has_changes() or self.closed_buckets(c, now)
@@ -289,26 +303,24 @@ class Processor:
         began = time.perf_counter()
         closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
         parts: list[PartitionFlush] = []
-        changed_by: dict[int, tuple[set[Key], set[Key]]] = {}
+        changes: dict[int, Changes] = {}
         for p, ctx in self.contexts.items():
-            changed, removed = ctx.pstate.take_changes()
-            if not (ctx.dirty or changed or removed):
+            ch = ctx.pstate.take_changes()
+            if not (ctx.dirty or ch):
                 continue
-            touched = sorted({(k[0], k[1]) for k in changed | removed})
             blobs = []
-            for bucket in touched:
+            for bucket in sorted(ch.buckets()):
                 blob, nkeys = ctx.pstate.encode_bucket(bucket)
                 blobs.append((bucket[0], bucket[1], blob, nkeys))
             parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
-                                        ctx.base_offset, blobs, list(changed | removed)))
-            changed_by[p] = (changed, removed)
+                                        ctx.base_offset, blobs))
+            changes[p] = ch
             ctx.dirty = False
         payload = None
         if parts or self.traces:
-            memory, resident, complete, ready = self._held_states(parts)
-            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, memory=memory,
-                                   resident=resident, complete=complete, ready=ready)
-        snap = Snapshot(payload, closing, changed_by, self.unacked, self.pending_events, now,
+            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans)
+            self._rows_from_memory(payload, changes)
+        snap = Snapshot(payload, closing, changes, self.unacked, self.pending_events, now,
                         time.perf_counter() - began)
         self.traces, self.spans, self.unacked, self.pending_events = [], [], [], 0
         return snap
@@ -325,18 +337,39 @@ class Processor:
                 continue
             busy = ctx.pstate.dirty_buckets()
             for b in buckets:
-                if b not in busy:  # folded into again since the snapshot: close it next time
-                    ctx.pstate.evict_bucket(b)
+                if b not in busy:  # final values durable (else folded into since: next time)
+                    ctx.cached.setdefault(b, snap.taken_at)
+        self._trim_cache(snap.taken_at)
         self._update_gauges(snap.taken_at)
         return snap.refs
 
+    def _trim_cache(self, now: float) -> None:
+        """Evict cached closed buckets: idle ones, then least recently folded into until the
+        states they hold fit `closed_cache_states`. Runs after a successful flush only, so
+        nothing evicted has changes that are not durable (busy buckets are skipped)."""
+        entries = sorted((t, p, b) for p, ctx in self.contexts.items() for b, t in ctx.cached.items())
+        if not entries:
+            return
+        sizes = {p: ctx.pstate.bucket_sizes() for p, ctx in self.contexts.items() if ctx.cached}
+        held = sum(sizes[p].get(b, 0) for _, p, b in entries)
+        busy = {p: self.contexts[p].pstate.dirty_buckets() for p in sizes}
+        for t, p, b in entries:
+            if t > now - CACHE_IDLE_SECONDS and held <= self.config.closed_cache_states:
+                break
+            if b in busy[p]:
+                continue
+            ctx = self.contexts[p]
+            ctx.pstate.evict_bucket(b)
+            del ctx.cached[b]
+            held -= sizes[p].get(b, 0)
+
     def rollback(self, snap: Snapshot) -> None:
         """The write failed: put the changes back so the next flush retries them."""
-        for p, (changed, removed) in snap.changed_by.items():
+        for p, changes in snap.changes.items():
             ctx = self.contexts.get(p)
             if ctx is None:
                 continue
-            ctx.pstate.restore_changes(changed, removed)
+            ctx.pstate.restore_changes(changes)
             ctx.dirty = True
         if snap.payload is not None:
             self.traces = snap.payload.traces + self.traces
@@ -371,65 +404,66 @@ class Processor:
             raise
         return report, self.commit(snap)
 
-    def _complete_buckets(self, resident: list[tuple[str, int, int]]) -> set[tuple[str, int]]:
-        """Buckets held in memory for every partition of the topic: nothing to read back for them."""
+    def _complete_buckets(self, buckets: set[BucketId]) -> set[BucketId]:
+        """Those of `buckets` held in memory for every partition of the topic: nothing to read back."""
         n = self.topic_partitions
         if n is None or not set(range(n)) <= set(self.contexts):
             return set()
-        seen: dict[tuple[str, int], int] = {}
-        for g, b, _ in resident:
-            seen[(g, b)] = seen.get((g, b), 0) + 1
-        return {bucket for bucket, count in seen.items() if count >= n}
+        return {b for b in buckets if all(b in c.pstate.resident for c in self.contexts.values())}
 
-    def _held_states(self, parts: list[PartitionFlush]) -> tuple[
-            dict[Key, list[Any]], list[tuple[str, int, int]], set[tuple[str, int]], dict[Key, Any]]:
-        """What the merge of the changed keys needs from memory.
+    def _rows_from_memory(self, payload: FlushPayload, changes: dict[int, Changes]) -> None:
+        """Fill in what the merge of the changed keys needs from memory.
 
-        For buckets held for every partition of the topic the rows are merged right here,
-        vectorised (`merged_rows`; values only, nothing shared with the live states); for
-        the others, copies of this worker's states go along and the writer adds the other
-        partitions' from PostgreSQL.
+        Buckets held for every partition of the topic are merged right here, vectorised
+        (`merged_blocks`; values only, nothing shared with the live states). For the
+        others, the changed keys and copies of this worker's states go along, and the
+        writer adds the other partitions' partials from PostgreSQL.
         """
-        changed: set[Key] = set()
-        for part in parts:
-            changed.update(part.changed)
-        buckets = sorted({(k[0], k[1]) for k in changed})
-        resident = [(g, b, p) for p, ctx in self.contexts.items() for g, b in buckets
-                    if (g, b) in ctx.pstate.resident]
-        complete = self._complete_buckets(resident)
+        buckets = set().union(*(ch.buckets() for ch in changes.values()))
         ctxs = sorted(self.contexts.items())
-        ready: dict[Key, Any] = {}
+        complete = self._complete_buckets(buckets)
         if complete:
-            ready = merged_rows([c.pstate for _, c in ctxs], sorted(complete), only=changed)
-            for key in changed:  # no partial left anywhere (pushed into __other__): delete the row
-                if (key[0], key[1]) in complete and key not in ready:
-                    ready[key] = None
-        memory: dict[Key, list[Any]] = {}
-        for g, b in buckets:
-            if (g, b) in complete:
-                continue
+            pstates = [c.pstate for _, c in ctxs]
+            removed = {k for ch in changes.values() for k in ch.removed}
+            payload.blocks = merged_blocks(pstates, complete, [changes[p].tables if p in changes else {}
+                                                               for p, _ in ctxs], also=removed)
+            # pushed into __other__ everywhere: no partial is left, so the row goes
+            payload.gone = sorted(k for k in removed if (k[0], k[1]) in complete
+                                  and all(ps.get(k) is None for ps in pstates))
+        payload.complete = complete
+        for part in payload.partitions:
+            ch = changes.get(part.partition)
+            if ch is not None:
+                part.changed = sorted(self.contexts[part.partition].pstate.keys_of(ch, skip=complete))
+        changed = payload.changed_keys
+        wanted = {(k[0], k[1]) for k in changed}
+        payload.resident = [(g, b, p) for p, ctx in ctxs for g, b in sorted(wanted) if (g, b) in ctx.pstate.resident]
+        for g, b in sorted(wanted):
             for p, ctx in ctxs:
                 if (g, b) not in ctx.pstate.resident:
                     continue
                 for m, d, v, state in ctx.pstate.bucket_states((g, b)):
                     key = (g, b, m, d, v)
                     if key in changed:
-                        memory.setdefault(key, []).append((p, state.copy()))
-        return memory, resident, complete, ready
+                        payload.memory.setdefault(key, []).append((p, state.copy()))
 
     def _update_gauges(self, now: float) -> None:
         m = self.metrics
         m.pending_events.set(self.pending_events)
         counts = dict.fromkeys(GRANULARITIES, 0)
+        cached = dict.fromkeys(GRANULARITIES, 0)
         for ctx in self.contexts.values():
-            for g, _ in ctx.pstate.buckets:
+            for g, _ in ctx.pstate.resident - ctx.cached.keys():
                 counts[g] += 1
+            for g, _ in ctx.cached:
+                cached[g] += 1
             wm = ctx.watermark
             if np.isfinite(wm.max_event_time):
                 m.watermark_lag.labels(str(ctx.partition)).set(wm.lag_seconds(now))
                 m.watermark.labels(str(ctx.partition)).set(wm.effective(now))
         for g, n in counts.items():
             m.open_buckets.labels(g).set(n)
+            m.cached_buckets.labels(g).set(cached[g])
 
 
 def _finite(x: float) -> float | None:

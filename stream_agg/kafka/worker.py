@@ -36,6 +36,7 @@ T = TypeVar("T")
 FOLD_BYTES = 16 << 20  # payload bytes folded per call: bounds decoded events in memory (~30k events)
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
 IDLE_AFTER = 1.0  # seconds without messages after which the consumer counts as caught up
+TICK = 0.25  # seconds between the flush loop's checks
 
 
 class TakeLimit:
@@ -280,7 +281,7 @@ class WorkerShell:
     async def _flush_loop(self) -> None:
         """Flush on the interval even when no messages arrive (closes idle buckets)."""
         while not self.stopping:
-            await asyncio.sleep(min(1.0, self.config.flush_interval / 2))
+            await asyncio.sleep(min(TICK, self.config.flush_interval / 2))
             self._update_lag()
             idle = time.monotonic() - self.last_batch >= IDLE_AFTER
             if self.stopping or time.monotonic() - self.last_flush < self._next_delay(idle):
@@ -291,8 +292,8 @@ class WorkerShell:
     def _next_delay(self, idle: bool = False) -> float:
         if self.failures:
             return min(self.config.flush_interval * (2 ** self.failures), MAX_BACKOFF)
-        if idle:  # caught up: nothing to share the machine with, so no reason to wait longer
-            return self.config.flush_interval
+        if idle:  # caught up: nothing to share the machine with, so make what is pending durable now
+            return min(self.config.flush_interval, IDLE_AFTER)
         # Under load a flush rewrites every open bucket whatever the interval, so space
         # flushes at least twice their own duration apart: the writer never takes more
         # than about a third of the time, and rows are still at most a few flushes old.

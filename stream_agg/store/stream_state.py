@@ -27,19 +27,20 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
+import numpy as np
 import psycopg
 
-from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, digest_to_bytes
-from stream_agg.core.buckets import to_datetime
+from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items
 from stream_agg.core.fold import BucketId, Key
+from stream_agg.core.merged_rows import RowBlock, blocks_from_states
+from stream_agg.core.state_table import HOUR
+from stream_agg.store import rows_copy
 from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
 from stream_agg.store.db import connect
 
 log = logging.getLogger(__name__)
 
-QUANTILES = (0.5, 0.95, 0.99)
 
 
 class FencedError(RuntimeError):
@@ -51,7 +52,8 @@ class PartitionFlush:
     """What one partition contributes to a flush (a snapshot taken on the folding thread).
 
     `buckets`: (granularity, bucket, blob of all its states) for every bucket that changed;
-    `changed`: the keys whose merged rows must be recomputed (new, updated or removed).
+    `changed`: the keys whose merged rows the writer must recompute (new, updated or
+    removed), but those of buckets the caller merged itself (`FlushPayload.complete`).
     """
 
     partition: int
@@ -76,9 +78,10 @@ class FlushPayload:
     traces: list[str] = field(default_factory=list)  # COPY text chunks (store.archive_copy)
     spans: list[str] = field(default_factory=list)
     memory: dict[Key, list[tuple[int, AggState]]] = field(default_factory=dict)  # key -> (partition, state)
-    ready: dict[Key, tuple[Any, ...] | None] = field(default_factory=dict)  # rows merged by the caller
     resident: list[tuple[str, int, int]] = field(default_factory=list)
-    complete: set[tuple[str, int]] = field(default_factory=set)  # buckets resident in every partition
+    complete: set[BucketId] = field(default_factory=set)  # buckets resident in every partition
+    blocks: list[RowBlock] = field(default_factory=list)  # rows of `complete` buckets, merged by the caller
+    gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets left without any partial
 
     @property
     def changed_keys(self) -> set[Key]:
@@ -96,20 +99,6 @@ class FlushReport:
     traces: int
     spans: int
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the flush log line
-
-
-@dataclass(frozen=True)
-class MergedRow:
-    key: Key
-    state: AggState
-
-    def values(self) -> tuple[Any, ...]:
-        g, bucket, metric, dim, value = self.key
-        s = self.state
-        qs = [s.quantile(q) for q in QUANTILES]
-        digest = digest_to_bytes(s.digest) if s.digest is not None else None
-        return (to_datetime(bucket), g, metric, dim, value, s.count, s.sum, s.min, s.max, s.avg,
-                qs[0], qs[1], qs[2], digest)
 
 
 def _ts(epoch: int) -> datetime:
@@ -214,7 +203,7 @@ class StreamStore:
                 traces, spans = self._archive(cur, payload)
                 lap("archive")
                 rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
-                                                 payload.resident, payload.complete, payload.ready)
+                                                 payload.resident, payload.blocks, payload.gone)
                 lap("rows")
             lap("commit")
             return FlushReport(partials, rows, deleted, traces, spans, phases)
@@ -285,29 +274,28 @@ class StreamStore:
         return traces, spans
 
     def merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key],
-                    memory: dict[Key, list[tuple[int, AggState]]] | None = None,
-                    resident: list[tuple[str, int, int]] | None = None,
-                    complete: set[tuple[str, int]] | None = None,
-                    ready: dict[Key, tuple[Any, ...] | None] | None = None) -> tuple[int, int]:
-        """Recompute metrics_aggregates rows of `keys` from every partition's partial.
+                   memory: dict[Key, list[tuple[int, AggState]]] | None = None,
+                   resident: list[tuple[str, int, int]] | None = None,
+                   blocks: Sequence[RowBlock] = (), gone: Sequence[Key] = ()) -> tuple[int, int]:
+        """Recompute the metrics_aggregates rows of `keys` from every partition's partial, and
+        write them with the rows the caller merged already (`blocks`; `gone`: rows to delete).
 
-        Partials of (bucket, partition) pairs listed in `resident` come from `memory`;
-        all others are read from stream_partials under the bucket locks, except for
-        `complete` buckets, which this worker holds for every partition of the topic.
-        `ready` has rows already computed by the caller (None = no partial left: delete).
+        Partials of (bucket, partition) pairs listed in `resident` come from `memory`; all
+        others are read from stream_partials under the bucket locks.
         """
-        if not keys:
+        buckets = {(k[0], k[1]) for k in keys} | {(k[0], k[1]) for k in gone}
+        for block in blocks:
+            buckets.update((block.granularity, h * HOUR) for h in np.unique(block.hours).tolist())
+        if not buckets:
             return 0, 0
-        buckets = {(k[0], k[1]) for k in keys}
         for lock in sorted({bucket_lock_id(g, b) for g, b in buckets}):
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
-        done = complete or set()
         held = {(g, b, p) for g, b, p in (resident or [])}
-        wanted = sorted(b for b in buckets if b not in done)
         found: dict[Key, list[tuple[int, AggState]]] = defaultdict(list)
         for key, mine in (memory or {}).items():
             if mine and key in keys:
                 found[key].extend(mine)
+        wanted = sorted({(k[0], k[1]) for k in keys})
         if wanted:
             wanted_set = set(wanted)
             skip = [r for r in held if (r[0], r[1]) in wanted_set]
@@ -315,22 +303,18 @@ class StreamStore:
                 if key in keys and (key[0], key[1], partition) not in held:
                     found[key].append((partition, state))
         # merged in partition order, so the same partials always give the same bytes
-        partials = {k: [s for _, s in sorted(v, key=lambda ps: ps[0])] for k, v in found.items()}
-        done_rows = ready or {}
-        rows = [MergedRow(k, _merge(states)).values() for k, states in partials.items() if k not in done_rows]
-        rows += [values for values in done_rows.values() if values is not None]
-        gone = sorted(k for k in keys if k not in partials and done_rows.get(k) is None)
+        merged = blocks_from_states(
+            (k, _merge([s for _, s in sorted(v, key=lambda ps: ps[0])])) for k, v in found.items())
+        everything = [*blocks, *merged]
+        rows = sum(len(b) for b in everything)
+        gone = sorted({*gone, *(k for k in keys if k not in found)})
         if rows:
             cur.execute(
                 "CREATE TEMP TABLE IF NOT EXISTS tmp_rows (LIKE metrics_aggregates INCLUDING DEFAULTS) "
                 "ON COMMIT DELETE ROWS")
-            with cur.copy(
-                "COPY tmp_rows (bucket_time, granularity, metric_name, dimension_type, dimension_value, "
-                "count, sum_value, min_value, max_value, avg_value, p50_value, p95_value, p99_value, digest) "
-                "FROM STDIN"
-            ) as copy:
-                for row in rows:
-                    copy.write_row(row)
+            with cur.copy(f"COPY tmp_rows ({', '.join(rows_copy.COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+                for chunk in rows_copy.render(everything):
+                    copy.write(chunk)
             cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
         deleted = 0
         if gone:
@@ -342,7 +326,7 @@ class StreamStore:
                 ([k[0] for k in gone], [_ts(k[1]) for k in gone], [k[2] for k in gone], [k[3] for k in gone],
                  [k[4] for k in gone]))
             deleted = len(gone)
-        return len(rows), deleted
+        return rows, deleted
 
 
 def read_bucket_states(cur: psycopg.Cursor, stream: str, buckets: Sequence[BucketId],

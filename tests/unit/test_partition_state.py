@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 from helpers import make_events
 
-from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items
+from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, digest_from_bytes
 from stream_agg.core.fold import PartitionState, fold_events
-from stream_agg.core.merged_rows import merged_rows
+from stream_agg.core.merged_rows import merged_blocks, merged_rows
 from stream_agg.core.registry import default_registry
 from stream_agg.core.sample import SMALL_SAMPLE
 from stream_agg.core.state_table import Interner, StateTable, composite
-from stream_agg.store.stream_state import MergedRow
 
 
 def _partitions(events: list, reg, n: int = 3) -> list[PartitionState]:
@@ -43,6 +42,23 @@ def test_bucket_blob_decodes_to_the_held_states() -> None:
                     assert t.quantile(q) == pytest.approx(s.quantile(q), rel=1e-12)
 
 
+def _expected_row(parts: list[PartitionState], key: tuple) -> tuple:
+    """The row of `key` merged the slow way: AggStates of every partition, merged per key."""
+    states = [s for s in (p.get(key) for p in parts) if s is not None]
+    m = AggState.merge_many(states, key[2].endswith("duration_ms"))
+    return (m.count, m.sum, m.min, m.max, m.avg, *(m.quantile(q) for q in (0.5, 0.95, 0.99)))
+
+
+def _assert_row(got: tuple, want: tuple, key: tuple) -> None:
+    assert got[5] == want[0] and got[7:9] == want[2:4], key
+    assert got[6] == pytest.approx(want[1], rel=1e-12)
+    assert got[9] == pytest.approx(want[4], rel=1e-12)
+    for a, b in zip(got[10:13], want[5:8], strict=True):
+        assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-9)), key
+    if got[10] is not None:  # the stored digest gives the same percentiles back
+        assert digest_from_bytes(got[13]).quantile(0.95) == pytest.approx(got[11], rel=1e-9)
+
+
 def test_merged_rows_equal_per_key_merges() -> None:
     reg = default_registry({"user": 15})
     events = make_events(4000, seed=12, hours=30, users=80)
@@ -52,16 +68,31 @@ def test_merged_rows_equal_per_key_merges() -> None:
     keys = set().union(*(p.states for p in parts))
     assert set(rows) == keys
     for key in keys:
-        states = [s for s in (p.get(key) for p in parts) if s is not None]
-        want = MergedRow(key, AggState.merge_many(states, key[2].endswith("duration_ms"))).values()
-        got = rows[key]
-        assert got[:6] == want[:6], key
-        assert got[6] == pytest.approx(want[6], rel=1e-12)
-        assert got[7:9] == want[7:9]
-        assert got[9] == pytest.approx(want[9], rel=1e-12)
-        for a, b in zip(got[10:13], want[10:13], strict=True):
-            assert (a is None) == (b is None) and (a is None or a == pytest.approx(b, rel=1e-9)), key
-        assert (got[13] is None) == (want[13] is None)
+        _assert_row(rows[key], _expected_row(parts, key), key)
+
+
+def test_merged_blocks_of_changed_keys_hold_exactly_those_keys() -> None:
+    reg = default_registry({"user": 15})
+    events = make_events(3000, seed=21, hours=10, users=60)
+    parts = _partitions(events[:2500], reg)
+    for p in parts:
+        p.take_changes()
+    later = events[2500:]
+    for i, p in enumerate(parts):  # a few more events, in some partitions only
+        if i != 1:
+            fold_events(p, later[i::3], np.arange(10_000 + i, 10_000 + len(later), 3))
+    changes = [p.take_changes() for p in parts]
+    changed = set().union(*(p.keys_of(c) for p, c in zip(parts, changes, strict=True)))
+    buckets = {(k[0], k[1]) for k in changed}
+    some = sorted(buckets)[::2]  # and only some of the buckets
+    removed = set().union(*(c.removed for c in changes))
+    blocks = merged_blocks(parts, some, [c.tables for c in changes], also=removed)
+    got = {k: row for b in blocks for k, row in b.rows()}
+    held = {k for k in changed if any(p.get(k) is not None for p in parts)}
+    assert changed - held <= removed and removed  # pushed into __other__ everywhere: no row
+    assert set(got) == {k for k in held if (k[0], k[1]) in set(some)} and got
+    for key, row in got.items():
+        _assert_row(row, _expected_row(parts, key), key)
 
 
 def test_changes_are_taken_once_and_restored_after_a_failed_flush() -> None:
@@ -69,14 +100,16 @@ def test_changes_are_taken_once_and_restored_after_a_failed_flush() -> None:
     ps = PartitionState(reg)
     events = make_events(600, seed=13, hours=3)
     fold_events(ps, events[:300], np.arange(300))
-    changed, removed = ps.take_changes()
-    assert changed == set(ps.states) and not removed
-    assert ps.take_changes() == (set(), set()) and not ps.has_changes()
-    ps.restore_changes(changed, removed)
-    assert ps.has_changes() and ps.take_changes()[0] == changed
+    changes = ps.take_changes()
+    assert ps.keys_of(changes) == set(ps.states) and not changes.removed
+    assert not ps.take_changes() and not ps.has_changes()
+    ps.restore_changes(changes)
+    assert ps.has_changes() and ps.keys_of(ps.take_changes()) == set(ps.states)
     result = fold_events(ps, events[300:], np.arange(300, 600))
-    again, _ = ps.take_changes()
-    assert again == result.changed
+    again = ps.take_changes()
+    assert ps.keys_of(again) == result.changed
+    some = sorted(again.buckets())[:1]
+    assert ps.keys_of(again, skip=some) == {k for k in result.changed if (k[0], k[1]) not in some}
 
 
 def test_evicting_a_bucket_drops_exactly_its_states() -> None:
