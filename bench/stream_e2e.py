@@ -32,7 +32,8 @@ What is measured (every rate is events / seconds of the interval named):
                   t0 = on_rebalance_complete, t1 = the N-th message counted.
   peak RSS        VmHWM of the worker process (read before it is stopped), or the largest sampled
                   RSS of its process tree if that is larger.
-  worker CPU      user+system seconds of the worker process between t0 and durable t1; also
+  worker CPU      user+system seconds of the worker process and its children (the decode helper)
+                  between t0 and durable t1; also
                   the broker's, and PostgreSQL's (the backends of the run's database, by pid).
   flushes         count and summed duration from the worker's "flushed ... in X s" log lines;
                   "flush failed" / "processing paused" lines are counted and quoted.
@@ -220,13 +221,21 @@ def tree_rss(pid: int) -> int:
 
 
 def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live children (the worker's decode helper)."""
     import psutil
 
     try:
-        t = psutil.Process(pid).cpu_times()
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+        t = proc.cpu_times()
     except psutil.Error:
         return float("nan")
-    return t.user + t.system
+    total = t.user + t.system
+    for child in procs[1:]:
+        with contextlib.suppress(psutil.Error):
+            c = child.cpu_times()
+            total += c.user + c.system
+    return total
 
 
 class BackendCpu:

@@ -134,6 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
             "States of closed buckets kept in memory after their final flush, so late events fold "
             "in without reading the bucket back from PostgreSQL; least recently folded into go "
             "first (0 = evict at close)"),
+    Setting("decode_processes", _non_negative(int), "1",
+            "Helper processes decoding messages ahead of the fold (0 = decode in the worker process)"),
     Setting("metrics_port", _port, "9108", "Prometheus metrics HTTP port (0 = off)"),
     Setting("session_timeout", _positive(_parse_duration), "30s",
             "Kafka consumer session timeout (a dead worker's partitions move after this)"),
@@ -169,6 +171,7 @@ class Config:
     archive: bool
     max_pending_events: int
     closed_cache_states: int
+    decode_processes: int
     metrics_port: int
     session_timeout: float
     heartbeat_interval: float

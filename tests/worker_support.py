@@ -45,6 +45,43 @@ def worker_env(config: Config, **overrides: str) -> dict[str, str]:
     return env
 
 
+def children_of(pid: int) -> list[int]:
+    """Pids whose parent is `pid` (Linux /proc; the worker's decode helper)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def _assert_gone(pids: list[int], worker: int, timeout: float = 5.0) -> None:
+    """The worker's helper processes must end with it (they are killed here if not, and the test fails)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in pids if os.path.exists(f"/proc/{p}") and _state(p) != "Z"]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    if left:
+        pytest.fail(f"helper processes {left} outlived worker {worker}")
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 class WorkerProcess:
     """One `stream-agg worker` subprocess; always stopped by the test that started it."""
 
@@ -71,14 +108,19 @@ class WorkerProcess:
     def terminate(self, timeout: float = 10.0) -> int:
         """SIGTERM; returns the exit code (the worker must exit within `timeout`)."""
         assert self.proc is not None
+        helpers = children_of(self.proc.pid)
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
+        code = self.proc.wait(timeout=timeout)
+        _assert_gone(helpers, self.proc.pid)
+        return code
 
     def kill(self) -> None:
         if self.alive():
             assert self.proc is not None
+            helpers = children_of(self.proc.pid)
             self.proc.kill()
             self.proc.wait(timeout=10)
+            _assert_gone(helpers, self.proc.pid)
 
     def wait_for_log(self, text: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout

@@ -25,12 +25,13 @@ import numpy as np
 
 from stream_agg.config import Config
 from stream_agg.core.buckets import GRANULARITIES, SPAN
-from stream_agg.core.fold import BucketId, Columns, PartitionState, event_times, fold, to_columns
+from stream_agg.core.fold import BucketId, Columns, PartitionState, fold
 from stream_agg.core.merged_rows import merged_blocks
 from stream_agg.core.partition_state import Changes
 from stream_agg.core.registry import Registry
 from stream_agg.core.watermark import Watermark, WatermarkPolicy
-from stream_agg.events import TraceEvent, decode_message, encode_event
+from stream_agg.events import decode_message, encode_event
+from stream_agg.kafka.decode_pool import DecodedPart, decode_partition
 from stream_agg.observability import Metrics
 from stream_agg.store import archive_copy
 from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFlush, StreamStore
@@ -113,13 +114,13 @@ def _policy(config: Config) -> WatermarkPolicy:
 class _Prepared:
     ctx: PartitionContext
     msgs: list[Message]
-    events: list[TraceEvent]
-    offsets: np.ndarray
+    events: int
     cols: Columns | None
     late: int
     buckets: set[BucketId]
     missing: list[BucketId]
     dlq: list[DlqRecord]
+    archive: tuple[str, str] | None  # (traces, spans) COPY text
 
 
 class Processor:
@@ -176,13 +177,16 @@ class Processor:
 
     # ----------------------------------------------------------------- processing
 
-    def process(self, messages: list[Message]) -> Outcome:
+    def process(self, messages: list[Message], decoded: list[DecodedPart] | None = None) -> Outcome:
         """Decode, classify and fold a batch of messages.
 
+        `decoded`: the batch already decoded by the decode helper (`decode_pool.decode_batch`
+        of the same messages, grouped by partition in order), or None to decode here.
         Atomic: everything that can fail (loading stored buckets) happens before any
         state changes, so a failed call can simply be retried with the same messages.
         """
         out = Outcome()
+        pre = {d.partition: d for d in decoded or []}
         by_partition: dict[int, list[Message]] = {}
         for m in messages:
             by_partition.setdefault(m.partition, []).append(m)
@@ -198,7 +202,8 @@ class Processor:
                 self.metrics.duplicates_skipped.inc(dupes)
                 out.ack_now.extend(m.ref for m in msgs if m.offset < ctx.next_offset)
             if fresh:
-                prepared.append(self._prepare(ctx, fresh))
+                given = pre.get(p)
+                prepared.append(self._prepare(ctx, fresh, given if given is not None and not dupes else None))
         # A bucket not held in memory is loaded for every partition this worker owns, not
         # only the one that needs it: then the flush merges it in memory, vectorised,
         # instead of reading the other partitions' blobs back key by key.
@@ -218,47 +223,54 @@ class Processor:
             raise
         return out
 
-    def _prepare(self, ctx: PartitionContext, msgs: list[Message]) -> _Prepared:
-        events: list[TraceEvent] = []
-        offsets: list[int] = []
-        dlq: list[DlqRecord] = []
-        for m in msgs:
-            decoded = decode_message(m.value)
-            for r in decoded.rejects:
-                dlq.append(DlqRecord(r.raw, r.reason, m.partition, m.offset, r.index))
-            events.extend(decoded.events)
-            offsets.extend([m.offset] * len(decoded.events))
+    def _prepare(self, ctx: PartitionContext, msgs: list[Message], part: DecodedPart | None) -> _Prepared:
+        if part is None:
+            part = decode_partition(ctx.partition, [(m.offset, m.value) for m in msgs], self.registry,
+                                    self.config.archive)
         self.metrics.messages_consumed.inc(len(msgs))
-        offs = np.asarray(offsets, dtype=np.int64)
-        if not events:
-            return _Prepared(ctx, msgs, events, offs, None, 0, set(), [], dlq)
-        ts = event_times(events)
-        classified = ctx.watermark.classify(ts)
+        dlq = [DlqRecord(raw, reason, ctx.partition, off, idx) for raw, reason, off, idx in part.rejects]
+        cols, archive = part.cols, part.archive
+        if cols is None:
+            return _Prepared(ctx, msgs, 0, None, 0, set(), [], dlq, None)
+        classified = ctx.watermark.classify(part.ts)
         if classified.too_late.any():
-            for i in np.flatnonzero(classified.too_late).tolist():
-                dlq.append(DlqRecord(encode_event(events[i]), "too_late", ctx.partition, int(offs[i]), None))
-            keep = ~classified.too_late
-            events = [e for e, k in zip(events, keep.tolist(), strict=True) if k]
-            offs, ts = offs[keep], ts[keep]
-        cols = to_columns(events, offs, self.registry, ts=ts) if events else None
-        buckets = cols.buckets() if cols is not None else set()
+            cols, archive = self._drop_too_late(ctx, msgs, cols, classified.too_late, part.offsets, dlq)
+        buckets = cols.buckets()
         missing = sorted(buckets - ctx.pstate.resident)
-        return _Prepared(ctx, msgs, events, offs, cols, int(classified.late.sum()), buckets, missing, dlq)
+        return _Prepared(ctx, msgs, int(cols.ts.size), cols, int(classified.late.sum()), buckets, missing, dlq,
+                         archive)
+
+    def _drop_too_late(self, ctx: PartitionContext, msgs: list[Message], cols: Columns, too_late: np.ndarray,
+                       offsets: np.ndarray, dlq: list[DlqRecord]) -> tuple[Columns, tuple[str, str] | None]:
+        """Send events older than the horizon to the DLQ (as JSON) and fold the rest (rare:
+        the messages are decoded again here, for the events themselves)."""
+        events = [e for m in msgs for e in decode_message(m.value).events]
+        for i in np.flatnonzero(too_late).tolist():
+            dlq.append(DlqRecord(encode_event(events[i]), "too_late", ctx.partition, int(offsets[i]), None))
+        keep = ~too_late
+        archive = None
+        if self.config.archive:
+            kept = [e for e, k in zip(events, keep.tolist(), strict=True) if k]
+            traces, spans, _ = archive_copy.render(kept, offsets[keep].tolist(), ctx.partition)
+            archive = (traces, spans)
+        return cols.select(keep), archive
 
     def _apply(self, prep: _Prepared, out: Outcome) -> None:
         ctx = prep.ctx
-        if prep.cols is not None:
+        if prep.cols is not None and prep.events:
             fold(ctx.pstate, prep.cols)
             ts_max = float(prep.cols.ts.max())
             ctx.watermark.max_event_time = max(ctx.watermark.max_event_time, ts_max)
             ctx.watermark.last_event_wall = now = self.clock()
             for b in prep.buckets & ctx.cached.keys():
                 ctx.cached[b] = now
-            if self.config.archive:
-                self._archive(prep.events, prep.offsets, ctx.partition)
+            if prep.archive is not None:
+                self.traces.append(prep.archive[0])
+                if prep.archive[1]:
+                    self.spans.append(prep.archive[1])
         ctx.next_offset = prep.msgs[-1].offset + 1
         ctx.dirty = True
-        n_events = len(prep.events)
+        n_events = prep.events
         self.pending_events += n_events
         out.folded_events += n_events
         out.dlq.extend(prep.dlq)
@@ -272,12 +284,6 @@ class Processor:
             else:
                 m.events_invalid.labels(reason).inc(n)
         m.pending_events.set(self.pending_events)
-
-    def _archive(self, events: list[TraceEvent], offsets: np.ndarray, partition: int) -> None:
-        traces, spans, _ = archive_copy.render(events, offsets.tolist(), partition)
-        self.traces.append(traces)
-        if spans:
-            self.spans.append(spans)
 
     # ----------------------------------------------------------------- flushing
 

@@ -25,6 +25,7 @@ from faust.types import TP
 
 from stream_agg.config import Config
 from stream_agg.core.registry import Registry, default_registry
+from stream_agg.kafka.decode_pool import DecodedPart, DecodePool
 from stream_agg.kafka.processor import Message, Outcome, PoisonedError, Processor
 from stream_agg.observability import Metrics
 from stream_agg.store.db import describe_db_error
@@ -139,7 +140,14 @@ class WorkerShell:
         self.last_batch = time.monotonic()  # when the agent last handed over messages
         self.failures = 0
         self.stopping = False
+        # Micro-batches go from the agent to the fold loop through a small queue, each with its
+        # decoding already started in the helper process(es): decoding overlaps folding.
+        self.decoder = (DecodePool(config.cardinality_caps, config.archive, config.decode_processes)
+                        if config.decode_processes else None)
+        self.batches: asyncio.Queue[tuple[list[Message], asyncio.Future[Any] | None]] = asyncio.Queue(
+            maxsize=max(1, config.decode_processes))
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
+        self.app.task(self._fold_loop)
         self.app.task(self._flush_loop)
         self.app.on_partitions_assigned.connect(self._on_assigned)
         self.app.on_partitions_revoked.connect(self._on_revoked)
@@ -203,6 +211,8 @@ class WorkerShell:
         self.stopping = True
         ok = await self._flush(reason="shutdown")
         log.info("final flush on shutdown: %s", "ok" if ok else "FAILED (will be re-read from Kafka)")
+        if self.decoder is not None:
+            self.decoder.close()
         await asyncio.get_running_loop().run_in_executor(self.writer, self.store.close)
         await self._run(self.processor.reader.close)
         self.executor.shutdown(wait=False)
@@ -221,11 +231,24 @@ class WorkerShell:
                 message.incref()  # held until the flush that makes it durable
                 msgs.append(Message(message.partition, message.offset, message.value, message))
             for chunk in _chunks(msgs, FOLD_BYTES):
-                await self._handle(chunk)
+                decoding = None
+                if self.decoder is not None and self.decoder.running:
+                    by_partition: dict[int, list[tuple[int, bytes | None]]] = {}
+                    for m in chunk:
+                        by_partition.setdefault(m.partition, []).append((m.offset, m.value))
+                    decoding = self.decoder.submit(list(by_partition.items()))
+                await self.batches.put((chunk, decoding))
 
-    async def _handle(self, msgs: list[Message]) -> None:
+    async def _fold_loop(self) -> None:
+        """Fold micro-batches in order as the agent hands them over (their decoding under way)."""
+        while True:
+            chunk, decoding = await self.batches.get()
+            decoded = await decoding if decoding is not None else None
+            await self._handle(chunk, decoded)
+
+    async def _handle(self, msgs: list[Message], decoded: list[DecodedPart] | None = None) -> None:
         self.last_batch = time.monotonic()
-        outcome = await self._process(msgs)
+        outcome = await self._process(msgs, decoded)
         for rec in outcome.dlq:
             await self.dlq.send(value=rec.value, headers=rec.headers())
         self.metrics.dlq_messages.inc(len(outcome.dlq))
@@ -242,7 +265,7 @@ class WorkerShell:
         elif time.monotonic() - self.last_flush >= self._next_delay():
             self._flush_soon("interval")
 
-    async def _process(self, msgs: list[Message]) -> Outcome:
+    async def _process(self, msgs: list[Message], decoded: list[DecodedPart] | None) -> Outcome:
         """Process a batch; if stored state cannot be loaded, wait and retry (consumption pauses).
 
         Only database errors are retried: they happen before anything changes. Any other
@@ -252,7 +275,7 @@ class WorkerShell:
         delay = 1.0
         while True:
             try:
-                outcome = await self._run(self.processor.process, msgs)
+                outcome = await self._run(self.processor.process, msgs, decoded)
                 self.metrics.db_up.set(1)
                 return outcome
             except (psycopg.Error, OSError) as exc:  # the batch is retried; nothing was changed

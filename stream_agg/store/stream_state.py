@@ -309,10 +309,11 @@ class StreamStore:
         rows = sum(len(b) for b in everything)
         gone = sorted({*gone, *(k for k in keys if k not in found)})
         if rows:
-            cur.execute(
-                "CREATE TEMP TABLE IF NOT EXISTS tmp_rows (LIKE metrics_aggregates INCLUDING DEFAULTS) "
-                "ON COMMIT DELETE ROWS")
-            with cur.copy(f"COPY tmp_rows ({', '.join(rows_copy.COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+            cols = ", ".join(rows_copy.COLUMNS)
+            # just the copied columns: no id / updated_at defaults evaluated per staged row
+            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS tmp_rows ON COMMIT DELETE ROWS AS SELECT {cols} "
+                        "FROM metrics_aggregates WITH NO DATA")
+            with cur.copy(f"COPY tmp_rows ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
                 for chunk in rows_copy.render(everything):
                     copy.write(chunk)
             cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))

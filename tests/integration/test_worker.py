@@ -14,6 +14,7 @@ from worker_support import (
     WorkerProcess,
     assert_rows_match_events,
     assert_same_rows,
+    children_of,
     decode_all,
     durable_offsets,
     end_offsets,
@@ -117,6 +118,7 @@ def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: st
                 assert crashing.alive(), crashing.log_text()[-3000:]
                 time.sleep(0.05)
             time.sleep(np.random.default_rng(kills).uniform(0, 0.7))  # land anywhere, mid-flush too
+            assert children_of(crashing.pid), "the worker runs its decode helper"  # which must die with it
             crashing.kill()
             kills += 1
             crashing = WorkerProcess(cfg, tmp_path / f"crash{kills}.log").start()

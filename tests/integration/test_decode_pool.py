@@ -1,0 +1,111 @@
+"""The decode helper process: the processor folds the same states from its parts as from its own
+decoding (invalid and too-late input included), and a dead helper only means decoding in process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from datetime import timedelta
+
+import numpy as np
+from helpers import make_events
+
+from stream_agg.config import load_config
+from stream_agg.core.registry import default_registry
+from stream_agg.events import encode_event
+from stream_agg.kafka.decode_pool import DecodePool, decode_batch
+from stream_agg.kafka.processor import Message, Processor
+from stream_agg.observability import Metrics
+from stream_agg.store.schema import migrate
+from stream_agg.store.stream_state import StreamStore
+
+
+def _batches() -> list[list[Message]]:
+    """Three micro-batches over two partitions; the last holds a too-late event and bad input."""
+    events = make_events(900, seed=51, hours=20)
+    old = make_events(1, seed=52, start=events[0].started_at - timedelta(days=30))[0]
+    out, offsets = [], {0: 0, 1: 0}
+    for b, chunk in enumerate((events[:400], events[400:800], events[800:])):
+        msgs = []
+        for p in (0, 1):
+            mine = chunk[p::2]
+            values = [b"[" + b",".join(encode_event(e) for e in mine[i:i + 50]) + b"]" for i in range(0, len(mine), 50)]
+            if b == 2:
+                values += [b'{"not": "an event"}', encode_event(old), b"\x00\xff"]
+            for v in values:
+                msgs.append(Message(p, offsets[p], v))
+                offsets[p] += 1
+        out.append(msgs)
+    return out
+
+
+def _processor(url: str, stream: str) -> Processor:
+    config = load_config(env={}, database_url=url, metrics_port=0, archive=True)
+    proc = Processor(config, default_registry(config.cardinality_caps), StreamStore(url), Metrics(), stream)
+    proc.topic_partitions = 2
+    proc.assign({0, 1})
+    return proc
+
+
+def _grouped(msgs: list[Message]) -> list[tuple[int, list[tuple[int, bytes | None]]]]:
+    by: dict[int, list[tuple[int, bytes | None]]] = {}
+    for m in msgs:
+        by.setdefault(m.partition, []).append((m.offset, m.value))
+    return list(by.items())
+
+
+def test_processor_folds_the_same_from_helper_parts(database_url: str) -> None:
+    migrate(database_url)
+    here, helped = _processor(database_url, "s:a"), _processor(database_url, "s:b")
+    outs_here, outs_helped = [], []
+    try:
+        for msgs in _batches():
+            outs_here.append(here.process(msgs))
+            outs_helped.append(helped.process(msgs, decode_batch(_grouped(msgs), archive=True)))
+        for a, b in zip(outs_here, outs_helped, strict=True):
+            assert a.folded_events == b.folded_events
+            assert [(r.reason, r.partition, r.offset, r.index, r.value) for r in a.dlq] == \
+                   [(r.reason, r.partition, r.offset, r.index, r.value) for r in b.dlq]
+        assert {r.reason for r in outs_here[-1].dlq} >= {"too_late"} and len(outs_here[-1].dlq) >= 6
+        assert here.traces == helped.traces and here.spans == helped.spans
+        for p in (0, 1):
+            sa, sb = here.contexts[p].pstate.states, helped.contexts[p].pstate.states
+            assert sa.keys() == sb.keys() and sa
+            for k, s in sa.items():
+                t = sb[k]
+                assert (s.count, s.sum, s.min, s.max, s.applied_offset) == (t.count, t.sum, t.min, t.max,
+                                                                            t.applied_offset), k
+                if s.digest is not None:
+                    assert s.quantile(0.95) == t.quantile(0.95), k
+            assert here.contexts[p].next_offset == helped.contexts[p].next_offset
+    finally:
+        for proc in (here, helped):
+            proc.reader.close()
+            proc.store.close()
+
+
+def test_helper_process_results_and_its_death() -> None:
+    msgs = _batches()[2]
+
+    async def run() -> None:
+        pool = DecodePool({"user": 1000}, archive=False)
+        try:
+            parts = await pool.submit(_grouped(msgs))
+            want = decode_batch(_grouped(msgs), archive=False)
+            assert parts is not None and [p.partition for p in parts] == [p.partition for p in want]
+            for got, exp in zip(parts, want, strict=True):
+                assert np.array_equal(got.offsets, exp.offsets) and got.rejects == exp.rejects
+                assert np.array_equal(got.cols.levels["trace"].values["trace.duration_ms"],
+                                      exp.cols.levels["trace"].values["trace.duration_ms"])
+            helpers = list(pool._pool._processes)  # type: ignore[union-attr]
+            assert helpers
+            for pid in helpers:
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(3):  # the batch in flight and the ones after: None = decode in process
+                assert await pool.submit(_grouped(msgs)) is None
+            assert not pool.running
+        finally:
+            pool.close()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=60))
