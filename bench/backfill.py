@@ -24,22 +24,20 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import secrets
 import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import psycopg
-from psycopg import sql
 
 from stream_agg.core.buckets import GRANULARITIES, SPAN, to_datetime
 from stream_agg.core.registry import DIMENSIONS, LEVEL_SQL, default_registry
 from stream_agg.devstack import LOCAL_POSTGRES_URL
 from stream_agg.ops.backfill import make_plan, run_backfill
 from stream_agg.store.backfill_sql import bucket_sql
-from stream_agg.store.db import libpq_url
+from stream_agg.store.db import scratch_database
 from stream_agg.store.schema import migrate
 from stream_agg.synthetic import iter_events
 
@@ -147,19 +145,13 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the database afterwards")
     args = ap.parse_args()
 
-    server = libpq_url(os.environ.get("STREAM_AGG_DATABASE_URL", LOCAL_POSTGRES_URL))
-    name = f"stream_agg_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(server, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(server)._replace(path=f"/{name}"))
-    try:
-        return run(url, args)
-    finally:
-        if args.keep:
-            print(f"kept database {url}")
-        else:
-            with psycopg.connect(server, autocommit=True) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    server = os.environ.get("STREAM_AGG_DATABASE_URL", LOCAL_POSTGRES_URL)
+    with scratch_database(server, "stream_agg_bench", keep=args.keep) as url:
+        try:
+            return run(url, args)
+        finally:
+            if args.keep:
+                print(f"kept database {url}")
 
 
 def cpu_seconds() -> float:

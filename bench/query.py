@@ -25,23 +25,20 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import secrets
 import statistics
 import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
-from psycopg import sql
 
 from stream_agg.core.aggstate import digest_from_values, digest_to_bytes
 from stream_agg.core.query import answer, parse_span
 from stream_agg.core.registry import DEFAULT_METRICS
 from stream_agg.devstack import LOCAL_POSTGRES_URL
-from stream_agg.store.db import libpq_url
+from stream_agg.store.db import scratch_database
 from stream_agg.store.query_sql import INDEX_NAME, DashboardQuery, explain, fetch_rows
 from stream_agg.store.schema import migrate
 
@@ -104,12 +101,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=15)
     args = ap.parse_args()
 
-    server_url = libpq_url(os.environ.get("STREAM_AGG_DATABASE_URL") or LOCAL_POSTGRES_URL)
-    name = f"stream_agg_bench_query_{secrets.token_hex(4)}"
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
-    try:
+    server_url = os.environ.get("STREAM_AGG_DATABASE_URL") or LOCAL_POSTGRES_URL
+    with scratch_database(server_url, "stream_agg_bench_query") as url:
         migrate(url)
         t0 = time.perf_counter()
         n = fill(url, args.days)
@@ -144,9 +137,6 @@ def main() -> None:
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         wall = time.perf_counter() - t0
         print(f"CLI, one run as typed (Python start-up included): {wall:.2f} s; it reports: {out.stderr.strip()}")
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
     sys.stdout.flush()
 
 

@@ -20,16 +20,15 @@ import statistics
 import time
 from collections import defaultdict
 from datetime import UTC, datetime
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import psycopg
-from psycopg import sql
 
 from stream_agg.config import load_config
 from stream_agg.core.registry import default_registry
 from stream_agg.kafka.processor import Message, Processor
 from stream_agg.observability import Metrics
+from stream_agg.store.db import scratch_database
 from stream_agg.store.schema import migrate
 from stream_agg.store.stream_state import StreamStore
 from stream_agg.synthetic import iter_events
@@ -59,11 +58,7 @@ def build_messages(n: int, per_message: int, partitions: int, hours: float, user
 
 
 def one_run(base_url: str, msgs: list[Message], args: argparse.Namespace) -> dict[str, float]:
-    name = f"bench_cycle_{secrets.token_hex(4)}"
-    with psycopg.connect(base_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = urlunsplit(urlsplit(base_url)._replace(path=f"/{name}"))
-    try:
+    with scratch_database(base_url, "bench_cycle") as url:
         migrate(url)
         config = load_config(env={}, database_url=url, metrics_port=0, archive=args.archive)
         registry = default_registry(config.cardinality_caps)
@@ -109,9 +104,7 @@ def one_run(base_url: str, msgs: list[Message], args: argparse.Namespace) -> dic
                                  "FROM metrics_aggregates").fetchone()
         return {"total": total, "rows_written": rows, "flushes": flushes, "final_rows": final[0],
                 "check": final[1], **t}
-    finally:
-        with psycopg.connect(base_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ from stream_agg.core.aggstate import (
 )
 from stream_agg.core.registry import OTHER, Registry
 from stream_agg.core.sample import to_digest
-from stream_agg.core.state_table import I64, LABEL_MASK, Interner, StateTable, bucket_of, composite
+from stream_agg.core.state_table import I64, LABEL_MASK, LABEL_SPACE, Interner, StateTable, bucket_of, composite
 
 Key = tuple[str, int, str, str, str]
 BucketId = tuple[str, int]
@@ -205,14 +205,19 @@ class PartitionState:
     def __len__(self) -> int:
         return sum(len(t) for t in self.tables.values())
 
-    def bucket_sizes(self) -> dict[BucketId, int]:
-        """Number of states held per bucket."""
-        out: dict[BucketId, int] = {}
+    def bucket_sizes(self, buckets: Collection[BucketId]) -> dict[BucketId, int]:
+        """Number of states held for each of `buckets` (two `searchsorted` per table, no scan)."""
+        by_g: dict[str, list[int]] = {}
+        for g, b in buckets:
+            by_g.setdefault(g, []).append(b)
+        out = dict.fromkeys(buckets, 0)
         for (g, _, _), t in self.tables.items():
-            if t.keys.size:
-                starts, counts = np.unique(bucket_of(t.keys), return_counts=True)
-                for b, n in zip(starts.tolist(), counts.tolist(), strict=True):
-                    out[(g, b)] = out.get((g, b), 0) + n
+            starts = by_g.get(g)
+            if starts and t.keys.size:
+                lo = composite(np.asarray(starts, dtype=np.int64), 0)
+                n = np.searchsorted(t.keys, lo + LABEL_SPACE) - np.searchsorted(t.keys, lo)
+                for b, k in zip(starts, n.tolist(), strict=True):
+                    out[(g, b)] += k
         return out
 
     # ------------------------------------------------------------------ changes

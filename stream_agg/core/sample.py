@@ -93,7 +93,9 @@ def to_digest(sample: Sample | None) -> TDigest | None:
 
 
 def exact_quantiles(values: F64, qs: tuple[float, ...]) -> list[float]:
-    """PERCENTILE_CONT (numpy's "linear") of a non-empty sample, for each q."""
+    """PERCENTILE_CONT of a non-empty sample, for each q, by PostgreSQL's formula
+    `lo + (hi - lo) * frac` (numpy's "linear" agrees to the last bit or one ulp: it
+    interpolates from the upper value when frac >= 0.5)."""
     x = np.sort(values)
     last = x.size - 1
     out = []

@@ -37,6 +37,10 @@ from stream_agg.store import archive_copy
 
 log = logging.getLogger(__name__)
 
+# A micro-batch decodes in well under a second; a helper that takes this long is stuck
+# (stopped, swapping): the worker stops using it rather than stall consumption silently.
+DECODE_TIMEOUT = 60.0
+
 
 @dataclass
 class DecodedPart:
@@ -74,18 +78,20 @@ def decode_partition(partition: int, messages: Sequence[tuple[int, bytes | None]
     return DecodedPart(partition, len(messages), rejects, offs, ts, cols, text)
 
 
-def decode_batch(batch: list[tuple[int, list[tuple[int, bytes | None]]]], archive: bool) -> list[DecodedPart]:
-    """`decode_partition` for each (partition, messages) of a micro-batch (runs in the helper)."""
-    return [decode_partition(p, msgs, _REGISTRY, archive) for p, msgs in batch]
+def decode_batch(batch: list[tuple[int, list[tuple[int, bytes | None]]]], archive: bool,
+                 registry: Registry | None = None) -> list[DecodedPart]:
+    """`decode_partition` for each (partition, messages) of a micro-batch (in the helper: its registry)."""
+    reg = registry if registry is not None else _REGISTRY
+    return [decode_partition(p, msgs, reg, archive) for p, msgs in batch]
 
 
 _REGISTRY: Registry = default_registry()
 
 
-def _init_helper(caps: dict[str, int]) -> None:
+def _init_helper(registry: Registry) -> None:
     """In the helper: the worker's registry; die with the worker; leave signals to the worker."""
     global _REGISTRY
-    _REGISTRY = default_registry(caps)
+    _REGISTRY = registry
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the worker decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the worker shuts the pool down itself
     if sys.platform.startswith("linux"):  # SIGKILL of the worker must not leave the helper behind
@@ -98,11 +104,11 @@ def _init_helper(caps: dict[str, int]) -> None:
 class DecodePool:
     """Helper processes decoding micro-batches; `None` results mean: decode in process."""
 
-    def __init__(self, caps: dict[str, int], archive: bool, processes: int = 1) -> None:
+    def __init__(self, registry: Registry, archive: bool, processes: int = 1) -> None:
         self.archive = archive
         ctx = multiprocessing.get_context("spawn")  # the worker has threads: never fork it
         self._pool: concurrent.futures.ProcessPoolExecutor | None = concurrent.futures.ProcessPoolExecutor(
-            max_workers=processes, mp_context=ctx, initializer=_init_helper, initargs=(dict(caps),))
+            max_workers=processes, mp_context=ctx, initializer=_init_helper, initargs=(registry,))
 
     @property
     def running(self) -> bool:
@@ -133,6 +139,15 @@ class DecodePool:
 
         fut.add_done_callback(done)
         return out
+
+    async def result(self, fut: asyncio.Future[list[DecodedPart] | None],
+                     timeout: float = DECODE_TIMEOUT) -> list[DecodedPart] | None:
+        """The parts of a submitted batch, or None (decode in process) if the helper failed or hung."""
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError as exc:
+            self._failed(exc)
+            return None
 
     def _failed(self, exc: BaseException) -> None:
         if self._pool is None:

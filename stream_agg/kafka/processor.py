@@ -140,6 +140,7 @@ class Processor:
         self.spans: list[str] = []
         self.unacked: list[Any] = []
         self.pending_events = 0
+        self.archive_bytes = 0  # size of the COPY text in self.traces / self.spans
         self.poisoned = False
         self.topic_partitions: int | None = None  # set by the shell from topic metadata
 
@@ -268,6 +269,7 @@ class Processor:
                 self.traces.append(prep.archive[0])
                 if prep.archive[1]:
                     self.spans.append(prep.archive[1])
+                self.archive_bytes += len(prep.archive[0]) + len(prep.archive[1])
         ctx.next_offset = prep.msgs[-1].offset + 1
         ctx.dirty = True
         n_events = prep.events
@@ -328,7 +330,7 @@ class Processor:
             self._rows_from_memory(payload, changes)
         snap = Snapshot(payload, closing, changes, self.unacked, self.pending_events, now,
                         time.perf_counter() - began)
-        self.traces, self.spans, self.unacked, self.pending_events = [], [], [], 0
+        self.traces, self.spans, self.unacked, self.pending_events, self.archive_bytes = [], [], [], 0, 0
         return snap
 
     def commit(self, snap: Snapshot) -> list[Any]:
@@ -356,7 +358,7 @@ class Processor:
         entries = sorted((t, p, b) for p, ctx in self.contexts.items() for b, t in ctx.cached.items())
         if not entries:
             return
-        sizes = {p: ctx.pstate.bucket_sizes() for p, ctx in self.contexts.items() if ctx.cached}
+        sizes = {p: ctx.pstate.bucket_sizes(ctx.cached) for p, ctx in self.contexts.items() if ctx.cached}
         held = sum(sizes[p].get(b, 0) for _, p, b in entries)
         busy = {p: self.contexts[p].pstate.dirty_buckets() for p in sizes}
         for t, p, b in entries:
@@ -380,6 +382,7 @@ class Processor:
         if snap.payload is not None:
             self.traces = snap.payload.traces + self.traces
             self.spans = snap.payload.spans + self.spans
+            self.archive_bytes = sum(map(len, self.traces)) + sum(map(len, self.spans))
         self.unacked = snap.refs + self.unacked
         self.pending_events += snap.pending_events
         self.metrics.pending_events.set(self.pending_events)

@@ -38,6 +38,7 @@ FOLD_BYTES = 16 << 20  # payload bytes folded per call: bounds decoded events in
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
 IDLE_AFTER = 1.0  # seconds without messages after which the consumer counts as caught up
 TICK = 0.25  # seconds between the flush loop's checks
+ARCHIVE_BYTES = 64 << 20  # raw-archive COPY text held before folding waits for a flush
 
 
 class TakeLimit:
@@ -142,10 +143,14 @@ class WorkerShell:
         self.stopping = False
         # Micro-batches go from the agent to the fold loop through a small queue, each with its
         # decoding already started in the helper process(es): decoding overlaps folding.
-        self.decoder = (DecodePool(config.cardinality_caps, config.archive, config.decode_processes)
+        self.decoder = (DecodePool(self.registry, config.archive, config.decode_processes)
                         if config.decode_processes else None)
-        self.batches: asyncio.Queue[tuple[list[Message], asyncio.Future[Any] | None]] = asyncio.Queue(
+        self.batches: asyncio.Queue[tuple[int, list[Message], asyncio.Future[Any] | None]] = asyncio.Queue(
             maxsize=max(1, config.decode_processes))
+        # Bumped on every revoke: a micro-batch taken before it is never folded after it (its
+        # partition may have come back with state reloaded from PostgreSQL, which that batch
+        # must not skip ahead of; Kafka re-delivers it from the offsets PostgreSQL holds).
+        self.generation = 0
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
         self.app.task(self._fold_loop)
         self.app.task(self._flush_loop)
@@ -201,6 +206,7 @@ class WorkerShell:
                 delay = min(delay * 2, MAX_BACKOFF)
 
     async def _on_revoked(self, sender: Any, revoked: set[TP], **_: Any) -> None:
+        self.generation += 1
         parts = self._ours(revoked)
         if not parts:
             return
@@ -224,6 +230,7 @@ class WorkerShell:
         limit = TakeLimit(self.config.batch_size, FOLD_BYTES)
         stream.add_processor(limit.count)  # runs before take_events' own buffering processor
         async for events in stream.take_events(limit, within=self.config.batch_timeout):  # type: ignore[arg-type]
+            generation = self.generation
             limit.reset()
             msgs = []
             for ev in events:
@@ -237,13 +244,21 @@ class WorkerShell:
                     for m in chunk:
                         by_partition.setdefault(m.partition, []).append((m.offset, m.value))
                     decoding = self.decoder.submit(list(by_partition.items()))
-                await self.batches.put((chunk, decoding))
+                await self.batches.put((generation, chunk, decoding))
 
     async def _fold_loop(self) -> None:
         """Fold micro-batches in order as the agent hands them over (their decoding under way)."""
-        while True:
-            chunk, decoding = await self.batches.get()
-            decoded = await decoding if decoding is not None else None
+        while not self.stopping:
+            generation, chunk, decoding = await self.batches.get()
+            decoded = None
+            if decoding is not None and self.decoder is not None:
+                decoded = await self.decoder.result(decoding)
+            if self.stopping:
+                return
+            if generation != self.generation:
+                log.info("dropped a micro-batch taken before a rebalance (partitions %s, %d messages); "
+                         "Kafka re-delivers it", sorted({m.partition for m in chunk}), len(chunk))
+                continue
             await self._handle(chunk, decoded)
 
     async def _handle(self, msgs: list[Message], decoded: list[DecodedPart] | None = None) -> None:
@@ -262,6 +277,10 @@ class WorkerShell:
             m.value = None
         if self.processor.pending_events >= self.config.max_pending_events:
             await self._flush_until_ok()
+        elif self.processor.archive_bytes >= ARCHIVE_BYTES:
+            # The archive is PostgreSQL-bound: rather than piling up COPY text (the largest
+            # buffer with the archive on) behind a slow flush, wait for it and write this too.
+            await self._flush(reason="archive")
         elif time.monotonic() - self.last_flush >= self._next_delay():
             self._flush_soon("interval")
 

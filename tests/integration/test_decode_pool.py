@@ -89,9 +89,9 @@ def test_helper_process_results_and_its_death() -> None:
     msgs = _batches()[2]
 
     async def run() -> None:
-        pool = DecodePool({"user": 1000}, archive=False)
+        pool = DecodePool(default_registry({"user": 1000}), archive=False)
         try:
-            parts = await pool.submit(_grouped(msgs))
+            parts = await pool.result(pool.submit(_grouped(msgs)))
             want = decode_batch(_grouped(msgs), archive=False)
             assert parts is not None and [p.partition for p in parts] == [p.partition for p in want]
             for got, exp in zip(parts, want, strict=True):
@@ -103,9 +103,31 @@ def test_helper_process_results_and_its_death() -> None:
             for pid in helpers:
                 os.kill(pid, signal.SIGKILL)
             for _ in range(3):  # the batch in flight and the ones after: None = decode in process
-                assert await pool.submit(_grouped(msgs)) is None
+                assert await pool.result(pool.submit(_grouped(msgs))) is None
             assert not pool.running
         finally:
             pool.close()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=60))
+
+
+def test_a_hung_helper_is_given_up_after_the_timeout() -> None:
+    msgs = _batches()[0]
+
+    async def run() -> None:
+        pool = DecodePool(default_registry(), archive=False)
+        helpers: list[int] = []
+        try:
+            assert await pool.result(pool.submit(_grouped(msgs))) is not None  # started and working
+            helpers = list(pool._pool._processes)  # type: ignore[union-attr]
+            for pid in helpers:
+                os.kill(pid, signal.SIGSTOP)
+            assert await pool.result(pool.submit(_grouped(msgs)), timeout=1.0) is None
+            assert not pool.running
+            assert await pool.result(pool.submit(_grouped(msgs))) is None  # and stays given up
+        finally:
+            pool.close()
+            for pid in helpers:
+                os.kill(pid, signal.SIGKILL)
 
     asyncio.run(asyncio.wait_for(run(), timeout=60))
