@@ -823,7 +823,7 @@ def main() -> None:
     print(f"stream_e2e: {code_version(args.worker_src)}", flush=True)
     print(f"stream_e2e: python {sys.version.split()[0]}, faust {faust.__version__}, aiokafka {aiokafka.__version__}, "
           f"{os.cpu_count()} CPUs; worker flush interval {args.flush_interval or 'default (5s)'}, "
-          f"batch size {args.batch_size or 'default (500 msgs)'}; {args.partitions} partitions; "
+          f"batch size {args.batch_size or 'default (5000 msgs)'}; {args.partitions} partitions; "
           f"{args.hours:g} h of event time, {args.users:,} users; runs {args.runs}"
           + (f"; worker from {args.worker_src}" if args.worker_src else ""), flush=True)
     broker = None

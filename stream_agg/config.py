@@ -124,8 +124,9 @@ SETTINGS: tuple[Setting, ...] = (
             "A partition silent this long advances its watermark with wall-clock time"),
     Setting("cardinality_caps", _parse_caps, "user=1000",
             "Max distinct values per bucket and dimension; the rest fold into __other__"),
-    Setting("batch_size", _positive(int), "500",
-            "Messages taken per micro-batch (a micro-batch also ends at 16 MB of payload)"),
+    Setting("batch_size", _positive(int), "5000",
+            "Messages taken per micro-batch (a micro-batch also ends at 16 MB of payload, "
+            "or after STREAM_AGG_BATCH_TIMEOUT)"),
     Setting("batch_timeout", _positive(_parse_duration), "0.2s", "Max wait to fill a micro-batch"),
     Setting("archive", _parse_bool, "true", "Write valid events to the raw traces/spans tables"),
     Setting("max_pending_events", _positive(int), "2000000",
