@@ -202,6 +202,12 @@ class Processor:
             if dupes:
                 self.metrics.duplicates_skipped.inc(dupes)
                 out.ack_now.extend(m.ref for m in msgs if m.offset < ctx.next_offset)
+            if fresh and fresh[0].offset > ctx.next_offset and ctx.base_offset is not None:
+                # Kafka starts past what PostgreSQL says comes next: those messages are gone
+                # (retention ran while no worker consumed), not skipped by us. Say so loudly.
+                log.warning("partition=%d: offsets %d..%d were never consumed and are no longer in Kafka "
+                            "(retention?); their events are missing from the aggregates",
+                            p, ctx.next_offset, fresh[0].offset - 1)
             if fresh:
                 given = pre.get(p)
                 prepared.append(self._prepare(ctx, fresh, given if given is not None and not dupes else None))

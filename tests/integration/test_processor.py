@@ -1,14 +1,18 @@
-"""The decode helper process: the processor folds the same states from its parts as from its own
-decoding (invalid and too-late input included), and a dead helper only means decoding in process."""
+"""The processor against a real PostgreSQL, and the decode helper process: the processor folds the
+same states from its parts as from its own decoding (invalid and too-late input included), a dead
+or hung helper only means decoding in process, and a gap in offsets is reported."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 from datetime import timedelta
 
 import numpy as np
+import orjson
+import pytest
 from helpers import make_events
 
 from stream_agg.config import load_config
@@ -131,3 +135,26 @@ def test_a_hung_helper_is_given_up_after_the_timeout() -> None:
                 os.kill(pid, signal.SIGKILL)
 
     asyncio.run(asyncio.wait_for(run(), timeout=60))
+
+
+def test_an_offset_gap_is_reported_and_the_rest_folded(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    migrate(database_url)
+    first = _processor(database_url, "s:gap")
+    msgs = [m for m in _batches()[0] if m.partition == 0]
+    try:
+        first.process(msgs[:2])
+        first.flush()  # PostgreSQL now says partition 0 continues at offset 2
+    finally:
+        first.reader.close()
+        first.store.close()
+    again = _processor(database_url, "s:gap")
+    try:
+        assert again.contexts[0].next_offset == 2
+        with caplog.at_level(logging.WARNING, logger="stream_agg.kafka.processor"):
+            out = again.process(msgs[3:])  # offset 2 was deleted by retention, say
+        assert "offsets 2..2 were never consumed" in caplog.text
+        assert out.folded_events == sum(len(orjson.loads(m.value)) for m in msgs[3:])
+        assert again.contexts[0].next_offset == msgs[-1].offset + 1
+    finally:
+        again.reader.close()
+        again.store.close()
