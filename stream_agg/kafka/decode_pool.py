@@ -109,6 +109,7 @@ class DecodePool:
         ctx = multiprocessing.get_context("spawn")  # the worker has threads: never fork it
         self._pool: concurrent.futures.ProcessPoolExecutor | None = concurrent.futures.ProcessPoolExecutor(
             max_workers=processes, mp_context=ctx, initializer=_init_helper, initargs=(registry,))
+        self._waiting: set[asyncio.Future[list[DecodedPart] | None]] = set()
 
     @property
     def running(self) -> bool:
@@ -128,11 +129,13 @@ class DecodePool:
             self._failed(exc)
             out.set_result(None)
             return out
+        self._waiting.add(out)
+        out.add_done_callback(self._waiting.discard)
 
         def done(f: concurrent.futures.Future[list[DecodedPart]]) -> None:
             try:
                 result: list[DecodedPart] | None = f.result()
-            except Exception as exc:  # noqa: BLE001 - same: the batch is decoded in process instead
+            except BaseException as exc:  # noqa: BLE001 - cancelled or broken: decoded in process instead
                 loop.call_soon_threadsafe(self._failed, exc)
                 result = None
             loop.call_soon_threadsafe(_settle, out, result)
@@ -154,13 +157,27 @@ class DecodePool:
             return
         log.error("decode helper process failed (%s: %s); decoding in the worker process from now on",
                   type(exc).__name__, exc)
-        pool, self._pool = self._pool, None
-        pool.shutdown(wait=False, cancel_futures=True)
+        self._stop(wait=0.0)
 
     def close(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the helpers (at shutdown): idle ones exit by themselves, a stuck one is killed."""
+        self._stop(wait=1.0)
+
+    def _stop(self, wait: float) -> None:
+        """Shut the pool down, settle every batch still waiting (None), and kill helpers still
+        running after `wait` seconds: a hung helper must neither stall folding nor keep the
+        worker from exiting (the interpreter joins the pool's threads at exit)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        procs = list((pool._processes or {}).values())  # private, but the only handle on them
+        pool.shutdown(wait=False, cancel_futures=True)
+        for fut in list(self._waiting):
+            _settle(fut, None)
+        for proc in procs:
+            proc.join(wait)
+            if proc.is_alive():
+                proc.kill()
 
 
 def _settle(fut: asyncio.Future[list[DecodedPart] | None], result: list[DecodedPart] | None) -> None:

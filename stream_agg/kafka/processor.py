@@ -67,6 +67,7 @@ class Message:
     offset: int
     value: bytes | None
     ref: Any = None  # the transport's handle, acknowledged after the flush
+    generation: int | None = None  # consumer-group generation the message was fetched in
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class Outcome:
     dlq: list[DlqRecord] = field(default_factory=list)
     ack_now: list[Any] = field(default_factory=list)  # duplicates: nothing to make durable
     ignored: int = 0  # messages of partitions we do not own (revoked meanwhile)
+    stale: int = 0  # messages fetched before the partition was (re)assigned: dropped, never acked
     folded_events: int = 0
 
 
@@ -101,6 +103,7 @@ class PartitionContext:
     next_offset: int = 0
     base_offset: int | None = None  # next_offset as last persisted (fencing)
     dirty: bool = False  # offsets / watermark moved since the last flush (states track their own)
+    generation: int | None = None  # consumer-group generation it was assigned in
     # closed buckets whose final values are flushed, kept for late events -> wall time last folded into
     cached: dict[BucketId, float] = field(default_factory=dict)
 
@@ -146,8 +149,15 @@ class Processor:
 
     # ----------------------------------------------------------------- assignment
 
-    def assign(self, partitions: set[int]) -> None:
-        """Take ownership: read each partition's next offset and watermark from PostgreSQL."""
+    def assign(self, partitions: set[int], generation: int | None = None) -> None:
+        """Take ownership: read each partition's next offset and watermark from PostgreSQL.
+
+        `generation`: the consumer group's generation of this assignment. Messages fetched
+        in another generation are never folded into these partitions (see `process`).
+        """
+        for p in partitions:
+            if p in self.contexts:
+                self.contexts[p].generation = generation
         new = sorted(p for p in partitions if p not in self.contexts)
         if not new:
             return
@@ -160,7 +170,8 @@ class Processor:
                 base = next_offset
                 if max_ts is not None:
                     wm.max_event_time = max_ts
-            self.contexts[p] = PartitionContext(p, PartitionState(self.registry), wm, next_offset, base)
+            self.contexts[p] = PartitionContext(p, PartitionState(self.registry), wm, next_offset, base,
+                                                generation=generation)
             log.info("assigned partition=%d next_offset=%d", p, next_offset)
         self.metrics.assigned_partitions.set(len(self.contexts))
 
@@ -197,6 +208,17 @@ class Processor:
             if ctx is None:
                 out.ignored += len(msgs)
                 continue
+            # Fetched before this assignment (a micro-batch still queued or buffered when the
+            # group rebalanced): the partition restarted from PostgreSQL's offset and Kafka
+            # re-delivers these, so folding them now would skip ahead of that re-delivery.
+            gen = ctx.generation
+            stale = [m for m in msgs if gen is not None and m.generation is not None and m.generation != gen]
+            if stale:
+                out.stale += len(stale)
+                log.info("partition=%d: dropped %d messages (offsets %d..%d) fetched in generation %s, "
+                         "assigned in %s; Kafka re-delivers them", p, len(stale), stale[0].offset,
+                         stale[-1].offset, stale[0].generation, gen)
+                msgs = [m for m in msgs if m.generation is None or m.generation == gen]
             fresh = [m for m in msgs if m.offset >= ctx.next_offset]
             dupes = len(msgs) - len(fresh)
             if dupes:
@@ -209,8 +231,9 @@ class Processor:
                             "(retention?); their events are missing from the aggregates",
                             p, ctx.next_offset, fresh[0].offset - 1)
             if fresh:
-                given = pre.get(p)
-                prepared.append(self._prepare(ctx, fresh, given if given is not None and not dupes else None))
+                given = pre.get(p)  # decoded from every message of the partition: only usable if all are folded
+                whole = not dupes and not stale
+                prepared.append(self._prepare(ctx, fresh, given if given is not None and whole else None))
         # A bucket not held in memory is loaded for every partition this worker owns, not
         # only the one that needs it: then the flush merges it in memory, vectorised,
         # instead of reading the other partitions' blobs back key by key.

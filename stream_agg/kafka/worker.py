@@ -145,12 +145,11 @@ class WorkerShell:
         # decoding already started in the helper process(es): decoding overlaps folding.
         self.decoder = (DecodePool(self.registry, config.archive, config.decode_processes)
                         if config.decode_processes else None)
-        self.batches: asyncio.Queue[tuple[int, list[Message], asyncio.Future[Any] | None]] = asyncio.Queue(
+        # A micro-batch queued here when the group rebalances may be folded after its partitions
+        # were re-assigned: each message carries the generation it was fetched in, and the
+        # processor drops those of an older generation than the partition's assignment.
+        self.batches: asyncio.Queue[tuple[list[Message], asyncio.Future[Any] | None]] = asyncio.Queue(
             maxsize=max(1, config.decode_processes))
-        # Bumped on every revoke: a micro-batch taken before it is never folded after it (its
-        # partition may have come back with state reloaded from PostgreSQL, which that batch
-        # must not skip ahead of; Kafka re-delivers it from the offsets PostgreSQL holds).
-        self.generation = 0
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
         self.app.task(self._fold_loop)
         self.app.task(self._flush_loop)
@@ -195,7 +194,7 @@ class WorkerShell:
         delay = 1.0
         while True:
             try:
-                await self._run(self.processor.assign, parts)
+                await self._run(self.processor.assign, parts, self.app.consumer_generation_id)
                 self.metrics.db_up.set(1)
                 return
             except Exception as exc:  # noqa: BLE001 - keep trying until PostgreSQL is back
@@ -206,7 +205,6 @@ class WorkerShell:
                 delay = min(delay * 2, MAX_BACKOFF)
 
     async def _on_revoked(self, sender: Any, revoked: set[TP], **_: Any) -> None:
-        self.generation += 1
         parts = self._ours(revoked)
         if not parts:
             return
@@ -230,13 +228,13 @@ class WorkerShell:
         limit = TakeLimit(self.config.batch_size, FOLD_BYTES)
         stream.add_processor(limit.count)  # runs before take_events' own buffering processor
         async for events in stream.take_events(limit, within=self.config.batch_timeout):  # type: ignore[arg-type]
-            generation = self.generation
             limit.reset()
             msgs = []
             for ev in events:
                 message = ev.message
                 message.incref()  # held until the flush that makes it durable
-                msgs.append(Message(message.partition, message.offset, message.value, message))
+                msgs.append(Message(message.partition, message.offset, message.value, message,
+                                    message.generation_id))
             for chunk in _chunks(msgs, FOLD_BYTES):
                 decoding = None
                 if self.decoder is not None and self.decoder.running:
@@ -244,21 +242,17 @@ class WorkerShell:
                     for m in chunk:
                         by_partition.setdefault(m.partition, []).append((m.offset, m.value))
                     decoding = self.decoder.submit(list(by_partition.items()))
-                await self.batches.put((generation, chunk, decoding))
+                await self.batches.put((chunk, decoding))
 
     async def _fold_loop(self) -> None:
         """Fold micro-batches in order as the agent hands them over (their decoding under way)."""
         while not self.stopping:
-            generation, chunk, decoding = await self.batches.get()
+            chunk, decoding = await self.batches.get()
             decoded = None
             if decoding is not None and self.decoder is not None:
                 decoded = await self.decoder.result(decoding)
             if self.stopping:
                 return
-            if generation != self.generation:
-                log.info("dropped a micro-batch taken before a rebalance (partitions %s, %d messages); "
-                         "Kafka re-delivers it", sorted({m.partition for m in chunk}), len(chunk))
-                continue
             await self._handle(chunk, decoded)
 
     async def _handle(self, msgs: list[Message], decoded: list[DecodedPart] | None = None) -> None:
@@ -275,12 +269,18 @@ class WorkerShell:
             # go now instead of holding every message's bytes for a flush interval.
             m.ref.value = None
             m.value = None
+        if self.stopping:  # the shutdown flush writes what was folded
+            return
         if self.processor.pending_events >= self.config.max_pending_events:
-            await self._flush_until_ok()
+            await self._flush_until_ok(f"pending events {self.processor.pending_events} >= "
+                                       f"{self.config.max_pending_events}")
         elif self.processor.archive_bytes >= ARCHIVE_BYTES:
             # The archive is PostgreSQL-bound: rather than piling up COPY text (the largest
-            # buffer with the archive on) behind a slow flush, wait for it and write this too.
-            await self._flush(reason="archive")
+            # buffer with the archive on) behind a slow flush, wait for it and write this too;
+            # if that flush fails, consumption pauses until one succeeds (memory stays bounded).
+            if not await self._flush(reason="archive"):
+                await self._flush_until_ok(f"raw archive text pending {self.processor.archive_bytes >> 20} MB "
+                                           f">= {ARCHIVE_BYTES >> 20} MB")
         elif time.monotonic() - self.last_flush >= self._next_delay():
             self._flush_soon("interval")
 
@@ -293,6 +293,8 @@ class WorkerShell:
         """
         delay = 1.0
         while True:
+            if self.stopping:  # not folded, not acked: re-read after the restart
+                return Outcome()
             try:
                 outcome = await self._run(self.processor.process, msgs, decoded)
                 self.metrics.db_up.set(1)
@@ -347,13 +349,12 @@ class WorkerShell:
             self.last_flush = time.monotonic()
             self.flush_task = asyncio.ensure_future(self._flush(reason=reason))
 
-    async def _flush_until_ok(self) -> None:
+    async def _flush_until_ok(self, why: str) -> None:
         """Backpressure: too much is pending, so stop consuming until a flush succeeds."""
         self.metrics.paused.set(1)
-        log.warning("pending events %d >= %d: consumption paused until a flush succeeds",
-                    self.processor.pending_events, self.config.max_pending_events)
+        log.warning("%s: consumption paused until a flush succeeds", why)
         try:
-            while not await self._flush(reason="backpressure"):
+            while not self.stopping and not await self._flush(reason="backpressure"):
                 await asyncio.sleep(self._next_delay())
         finally:
             self.metrics.paused.set(0)

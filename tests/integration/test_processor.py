@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from datetime import timedelta
 
 import numpy as np
@@ -126,15 +127,51 @@ def test_a_hung_helper_is_given_up_after_the_timeout() -> None:
             helpers = list(pool._pool._processes)  # type: ignore[union-attr]
             for pid in helpers:
                 os.kill(pid, signal.SIGSTOP)
-            assert await pool.result(pool.submit(_grouped(msgs)), timeout=1.0) is None
+            first, second = pool.submit(_grouped(msgs)), pool.submit(_grouped(msgs))
+            assert await pool.result(first, timeout=1.0) is None
+            began = time.monotonic()
+            assert await pool.result(second) is None  # settled when the pool was given up: no second wait
+            assert time.monotonic() - began < 1.0
             assert not pool.running
             assert await pool.result(pool.submit(_grouped(msgs))) is None  # and stays given up
+            deadline = time.monotonic() + 5
+            while any(_alive(pid) for pid in helpers) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert not any(_alive(pid) for pid in helpers), "the hung helper was killed"
         finally:
             pool.close()
             for pid in helpers:
-                os.kill(pid, signal.SIGKILL)
+                if _alive(pid):
+                    os.kill(pid, signal.SIGKILL)
 
     asyncio.run(asyncio.wait_for(run(), timeout=60))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_messages_fetched_before_an_assignment_are_dropped_not_folded(database_url: str) -> None:
+    migrate(database_url)
+    proc = _processor(database_url, "s:gen")
+    try:
+        proc.assign({0, 1}, generation=7)  # re-assigned in generation 7 (contexts kept, generation moved)
+        msgs = [m for m in _batches()[0] if m.partition == 0]
+        old = [Message(m.partition, m.offset, m.value, None, 6) for m in msgs[:3]]
+        out = proc.process(old)
+        assert out.stale == 3 and out.folded_events == 0 and not out.ack_now
+        assert proc.contexts[0].next_offset == 0 and not proc.contexts[0].pstate.states
+        mixed = [Message(m.partition, m.offset, m.value, None, 6 if i >= 3 else 7) for i, m in enumerate(msgs)]
+        out = proc.process(mixed)  # the current generation's messages fold; no skip past the dropped ones
+        assert out.stale == len(msgs) - 3 and proc.contexts[0].next_offset == 3
+        assert out.folded_events == sum(len(orjson.loads(m.value)) for m in msgs[:3])
+    finally:
+        proc.reader.close()
+        proc.store.close()
 
 
 def test_an_offset_gap_is_reported_and_the_rest_folded(database_url: str, caplog: pytest.LogCaptureFixture) -> None:
