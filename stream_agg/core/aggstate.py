@@ -25,6 +25,7 @@ MAX_CENTROIDS = 2000
 STATE_VERSION = 1
 DIGEST_VERSION = 1
 VALUES_DIGEST_VERSION = 2  # digest column holding the exact values of a small sample
+VALUES_DIGEST_PREFIX = bytes((VALUES_DIGEST_VERSION,))
 _HEADER = struct.Struct("<BqdddqB")  # version, count, sum, min, max, applied_offset, sample kind
 # The same header as a numpy record, so a whole table of states packs in one call.
 HEADER_DTYPE = np.dtype([("version", "u1"), ("count", "<i8"), ("sum", "<f8"), ("min", "<f8"), ("max", "<f8"),
@@ -59,7 +60,7 @@ def values_to_digest_bytes(values: npt.NDArray[np.float64]) -> bytes:
     Most rows (per user and hour) hold a handful of values; their values are smaller than a
     serialized t-digest and need no digest to be built. Readers get a digest either way.
     """
-    return bytes((VALUES_DIGEST_VERSION,)) + np.asarray(values, dtype="<f8").tobytes()
+    return VALUES_DIGEST_PREFIX + np.asarray(values, dtype="<f8").tobytes()
 
 
 def digest_from_bytes(data: bytes) -> TDigest:

@@ -18,16 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from stream_agg.core.aggstate import VALUES_DIGEST_VERSION, AggState, digest_to_bytes
+from stream_agg.core.aggstate import VALUES_DIGEST_PREFIX, AggState, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.partition_state import BucketId, Key, PartitionState, TableId
-from stream_agg.core.sample import SMALL_SAMPLE, combine, to_digest
+from stream_agg.core.sample import SMALL_SAMPLE, combine, segment_quantiles, to_digest
 from stream_agg.core.state_table import F64, HOUR, I64, LABEL_BITS, LABEL_MASK, LABEL_SPACE, Interner
 
 QUANTILES = (0.5, 0.95, 0.99)
-_Q = np.asarray(QUANTILES)
 Row = tuple[Any, ...]  # the columns of metrics_aggregates the stream writes, in `Row` order (see RowBlock.rows)
-_VALUES_PREFIX = bytes((VALUES_DIGEST_VERSION,))
 
 
 @dataclass
@@ -89,9 +87,9 @@ def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketI
     (digests merge in that order, so the same partials always give the same bytes).
     Nothing in the live states is changed.
     """
-    wanted: dict[str, I64] = {}
+    wanted: dict[str, list[int]] = {}
     for g, b in buckets:
-        wanted.setdefault(g, []).append(b // HOUR)  # type: ignore[arg-type]
+        wanted.setdefault(g, []).append(b // HOUR)
     hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in wanted.items()}
     glob: dict[str, Interner] = {}
     trans: dict[tuple[int, str], I64] = {}
@@ -245,16 +243,10 @@ def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F6
         first = np.zeros(rows.size, dtype=np.int64)
         np.cumsum(per[:-1], out=first[1:])
         ok = (per > 0) & (count[rows] > 0)
-        last = per[ok] - 1
-        pos = _Q[None, :] * last[:, None]
-        low = pos.astype(np.int64)
-        high = np.minimum(low + 1, last[:, None])
-        base = first[ok][:, None]
-        x_lo, x_hi = values[base + low], values[base + high]
-        quantiles[rows[ok]] = x_lo + (x_hi - x_lo) * (pos - low)
-        raw = values.astype("<f8", copy=False).tobytes()
+        quantiles[rows[ok]] = segment_quantiles(values, first[ok], per[ok], QUANTILES)
+        raw = values.astype("<f8", copy=False).tobytes()  # each row's slice: values_to_digest_bytes
         for r, a, k in zip(rows.tolist(), (first * 8).tolist(), (per * 8).tolist(), strict=True):
-            digests[r] = _VALUES_PREFIX + raw[a:a + k]
+            digests[r] = VALUES_DIGEST_PREFIX + raw[a:a + k]
     # ---- the others, one by one
     big = np.flatnonzero(has_values & ~small | has_digest)
     if big.size:

@@ -92,16 +92,18 @@ def to_digest(sample: Sample | None) -> TDigest | None:
     return digest_of(sample)
 
 
-def exact_quantiles(values: F64, qs: tuple[float, ...]) -> list[float]:
-    """PERCENTILE_CONT of a non-empty sample, for each q, by PostgreSQL's formula
-    `lo + (hi - lo) * frac` (numpy's "linear" agrees to the last bit or one ulp: it
-    interpolates from the upper value when frac >= 0.5)."""
-    x = np.sort(values)
-    last = x.size - 1
-    out = []
-    for q in qs:
-        pos = q * last
-        lo = int(pos)
-        hi = min(lo + 1, last)
-        out.append(float(x[lo] + (x[hi] - x[lo]) * (pos - lo)))
-    return out
+def segment_quantiles(values: F64, first: npt.NDArray[np.int64], size: npt.NDArray[np.int64],
+                      qs: tuple[float, ...]) -> F64:
+    """PERCENTILE_CONT of many samples at once: sample i is `values[first[i]:first[i] + size[i]]`,
+    sorted, non-empty. Returns one row per sample, one column per q.
+
+    PostgreSQL's formula `lo + (hi - lo) * frac` (numpy's "linear" agrees to the last bit
+    or one ulp: it interpolates from the upper value when frac >= 0.5).
+    """
+    last = size - 1
+    pos = np.asarray(qs)[None, :] * last[:, None]
+    low = pos.astype(np.int64)
+    high = np.minimum(low + 1, last[:, None])
+    base = first[:, None]
+    x_lo, x_hi = values[base + low], values[base + high]
+    return x_lo + (x_hi - x_lo) * (pos - low)

@@ -17,7 +17,7 @@ from stream_agg.core.aggstate import (
     digest_to_bytes,
     values_to_digest_bytes,
 )
-from stream_agg.core.sample import exact_quantiles
+from stream_agg.core.sample import segment_quantiles
 
 QS = (0.5, 0.95, 0.99)
 
@@ -115,7 +115,8 @@ def test_bytes_round_trip_and_versioning() -> None:
     exact = digest_from_bytes(values_to_digest_bytes(few))
     for q in (0.0, 0.5, 0.95, 1.0):
         assert exact.quantile(q) == pytest.approx(float(np.percentile(few, q * 100)), rel=1e-12)
-        assert exact_quantiles(few, (q,))[0] == pytest.approx(float(np.percentile(few, q * 100)), rel=1e-12)
+        got = segment_quantiles(np.sort(few), np.array([0]), np.array([few.size]), (q,))[0, 0]
+        assert got == pytest.approx(float(np.percentile(few, q * 100)), rel=1e-12)
     assert math.isinf(AggState().min)
 
 
@@ -134,3 +135,14 @@ def test_bucket_blob_round_trip_and_versioning() -> None:
         decode_bucket(msgspec.msgpack.encode((2, [])))
     with pytest.raises(UnknownVersionError):
         decode_bucket(b"\x00garbage")
+
+
+def test_segment_quantiles_of_many_samples_equal_numpy() -> None:
+    rng = np.random.default_rng(3)
+    samples = [np.sort(rng.lognormal(3, 1, int(n))) for n in rng.integers(1, 130, 200)]
+    sizes = np.array([s.size for s in samples])
+    first = np.cumsum(sizes) - sizes
+    qs = (0.0, 0.5, 0.95, 0.99, 1.0)
+    got = segment_quantiles(np.concatenate(samples), first, sizes, qs)
+    want = np.array([[np.percentile(s, q * 100) for q in qs] for s in samples])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
