@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import faust
 import psycopg
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP
 
 from stream_agg.config import Config
@@ -89,8 +90,34 @@ def stream_id(config: Config) -> str:
     return f"{config.group_id}:{config.topic}"
 
 
+class BoundedBufferConsumer(faust_aiokafka.Consumer):
+    """Faust's consumer, minus the read-ahead stall.
+
+    When the stream buffer passes 80% of `stream_buffer_maxsize`, Faust drops each
+    partition from its fetch set until the buffer drains to 40%; once every partition is
+    dropped, its fetch loop sleeps a whole second (`Consumer._wait_next_records`) and
+    does not notice the drain. Behind a fold slower than the broker that is a stall of up
+    to 1 s every few batches: the agent waited 3.7 s for messages in a 10 s bench run
+    (`bench/stream_e2e.py`, scenario 1). Keeping every partition fetchable leaves the
+    bound to the buffer itself: the conductor awaits `put` on a full queue, so fetching
+    pauses exactly as long as the buffer is full, and memory stays bounded by
+    `stream_buffer_maxsize` messages plus what aiokafka has fetched ahead (one fetch, at
+    most `consumer_max_fetch_size` per partition).
+    """
+
+    def on_buffer_full(self, tp: TP) -> None:
+        return None
+
+
 def build_app(config: Config) -> faust.App:
     """A Faust app configured for this worker (no tables, no web server, raw values)."""
+    app = _faust_app(config)
+    # The transport builds the consumer lazily from this attribute (Transport.create_consumer).
+    app.transport.Consumer = BoundedBufferConsumer
+    return app
+
+
+def _faust_app(config: Config) -> faust.App:
     return faust.App(
         config.group_id,
         broker=[f"kafka://{h.strip()}" for h in config.kafka_bootstrap.split(",")],
