@@ -7,15 +7,22 @@ lacks); a Faust changelog and the consumer offset commit are two separate writes
 a changelog per key update would double the per-event cost.
 
 One flush transaction, for all partitions this worker owns:
-1. upsert the changed partial states `(stream, key, partition)` (fenced: never
-   replace a partial with one that has folded less),
-2. advance `stream_offsets` (fenced the same way: a zombie worker that lost the
-   partition cannot move it back),
-3. archive the raw traces / spans (`ON CONFLICT DO NOTHING`: same trace twice = one row),
-4. lock the touched buckets (advisory locks, sorted, so two workers never deadlock and
-   never interleave a read-merge-write of the same row), read every partition's
+1. advance `stream_offsets` (fenced: a zombie worker that lost the partition cannot
+   move it back),
+2. archive the raw traces / spans (`ON CONFLICT DO NOTHING`: same trace twice = one row),
+3. lock the touched buckets (advisory locks, sorted, so two workers never deadlock and
+   never interleave a read-merge-write of the same row), read every other partition's
    partial of each changed key, merge, and upsert `metrics_aggregates`, never over a
-   row whose source is 'backfill'.
+   row whose source is 'backfill',
+4. upsert the changed partial states `(stream, bucket, partition)` (fenced the same
+   way: never replace a partial with one that has folded less).
+
+The partials go last so that compressing them (zlib, on a thread of its own: it releases
+the GIL) overlaps PostgreSQL's work on steps 1-3 instead of adding to the flush: ~1.8 s
+of zlib per million events was on the flush's critical path. The order inside the
+transaction changes nothing: other workers wait on the bucket locks until commit, and
+the partials this flush writes are of buckets in this worker's memory, which step 3
+takes from memory, never from the table.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -101,6 +109,13 @@ class FlushReport:
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the flush log line
 
 
+def _compress_blobs(partitions: list[PartitionFlush]) -> None:
+    """Compress every blob in place, so each raw blob is freed as soon as it is done."""
+    for part in partitions:
+        for i, (g, b, blob, n) in enumerate(part.buckets):
+            part.buckets[i] = (g, b, compress_blob(blob), n)
+
+
 def _ts(epoch: int) -> datetime:
     return datetime.fromtimestamp(epoch, tz=UTC)
 
@@ -119,6 +134,7 @@ class StreamStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: psycopg.Connection | None = None
+        self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-agg-compress")
 
     # ----------------------------------------------------------------- connection
 
@@ -191,21 +207,24 @@ class StreamStore:
                 phases[name] = now - clock
                 clock = now
 
-            for part in payload.partitions:  # compressed in place: each raw blob is freed as it goes
-                for i, (g, b, blob, n) in enumerate(part.buckets):
-                    part.buckets[i] = (g, b, compress_blob(blob), n)
-            with conn.transaction(), conn.cursor() as cur:
-                partials = self.write_partials(cur, payload.stream, [
-                    (g, b, part.partition, blob, n, part.next_offset - 1)
-                    for part in payload.partitions for g, b, blob, n in part.buckets])
-                lap("partials")
-                self._advance_offsets(cur, payload)
-                traces, spans = self._archive(cur, payload)
-                lap("archive")
-                rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
-                                                 payload.resident, payload.blocks, payload.gone)
-                lap("rows")
-            lap("commit")
+            compressing = self._compressor.submit(_compress_blobs, payload.partitions)
+            try:
+                with conn.transaction(), conn.cursor() as cur:
+                    self._advance_offsets(cur, payload)
+                    traces, spans = self._archive(cur, payload)
+                    lap("archive")
+                    rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
+                                                     payload.resident, payload.blocks, payload.gone)
+                    lap("rows")
+                    compressing.result()
+                    lap("compress")  # what is left of it once PostgreSQL is done
+                    partials = self.write_partials(cur, payload.stream, [
+                        (g, b, part.partition, blob, n, part.next_offset - 1)
+                        for part in payload.partitions for g, b, blob, n in part.buckets])
+                    lap("partials")
+                lap("commit")
+            finally:
+                wait([compressing])  # never leave a thread rewriting a payload the caller may retry
             return FlushReport(partials, rows, deleted, traces, spans, phases)
         except psycopg.Error:
             self._reset()
