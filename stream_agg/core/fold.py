@@ -36,7 +36,7 @@ from stream_agg.core.buckets import GRANULARITIES, HOUR, bucket_starts
 from stream_agg.core.partition_state import BucketId, Key, PartitionState
 from stream_agg.core.registry import ALL, DIMENSIONS, OTHER, Level, Metric, Registry
 from stream_agg.core.sample import SMALL_SAMPLE, Sample, absorb, combine, digest_of, sample_of
-from stream_agg.core.state_table import PENDING_VALUES, Interner, StateTable, composite
+from stream_agg.core.state_table import PENDING_VALUES, Interner, StateTable, composite, member_of_sorted
 
 __all__ = ["BucketId", "Columns", "FoldResult", "Key", "LevelColumns", "PartitionState", "event_times", "fold",
            "fold_events", "to_columns"]
@@ -689,14 +689,6 @@ def _sorted(a: I64) -> I64:
     return a if a.size < 2 or not bool((a[1:] < a[:-1]).any()) else np.sort(a)
 
 
-def _member(sorted_ids: I64, ids: I64) -> npt.NDArray[np.bool_]:
-    """Which `ids` are in `sorted_ids` (one binary search each)."""
-    if sorted_ids.size == 0:
-        return np.zeros(ids.size, dtype=bool)
-    pos = np.searchsorted(sorted_ids, ids)
-    return sorted_ids[np.minimum(pos, sorted_ids.size - 1)] == ids
-
-
 def _capped(
     pstate: PartitionState, g: str, metric: Metric, dim: str, cap: int, starts: I64, glids: I64,
     result: FoldResult,
@@ -734,7 +726,7 @@ def _capped(
         keys = np.concatenate(known) if len(known) > 1 else known[0]
         if keys.size > 1 and bool((keys[1:] < keys[:-1]).any()):
             keys = np.sort(keys)
-        hit = _member(keys, composite(starts, ids_all))
+        hit = member_of_sorted(keys, composite(starts, ids_all))
     else:
         hit = np.zeros(n, dtype=bool)
     out = np.where(hit, ids_all, other)  # right for every bucket without an unknown value
@@ -764,7 +756,7 @@ def _cap_bucket(old: I64 | None, ids: I64, other: int, cap: int,
     hashes: I64 | None = None
     if old is not None:
         kept = _sorted(old)
-        hit = _member(kept, ids)
+        hit = member_of_sorted(kept, ids)
         fresh = ~hit & (ids != other)
         if not fresh.any():  # every value already kept (or already __other__)
             return kept, None, None
@@ -788,10 +780,10 @@ def _cap_bucket(old: I64 | None, ids: I64, other: int, cap: int,
             hashes = interner.hashes()
         new = np.sort(_smallest(cand, hashes[cand], cap, interner.labels))
         if kept is not None:
-            gone = kept[~_member(new, kept)]
+            gone = kept[~member_of_sorted(new, kept)]
     else:
         new = np.sort(cand)
-    return new, gone, np.where(_member(new, ids), ids, other)
+    return new, gone, np.where(member_of_sorted(new, ids), ids, other)
 
 
 def _replay_cap(pstate: PartitionState, g: str, metric: Metric, dim: str, run: _CapRun,

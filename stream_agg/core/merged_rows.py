@@ -22,7 +22,16 @@ from stream_agg.core.aggstate import VALUES_DIGEST_PREFIX, AggState, digest_to_b
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.partition_state import BucketId, Key, PartitionState, TableId
 from stream_agg.core.sample import SMALL_SAMPLE, combine, segment_quantiles, to_digest
-from stream_agg.core.state_table import F64, HOUR, I64, LABEL_BITS, LABEL_MASK, LABEL_SPACE, Interner
+from stream_agg.core.state_table import (
+    F64,
+    HOUR,
+    I64,
+    LABEL_BITS,
+    LABEL_MASK,
+    LABEL_SPACE,
+    Interner,
+    member_of_sorted,
+)
 
 QUANTILES = (0.5, 0.95, 0.99)
 Row = tuple[Any, ...]  # the columns of metrics_aggregates the stream writes, in `Row` order (see RowBlock.rows)
@@ -173,7 +182,7 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
             continue
         gk = _globalize(t.keys[pos], _translation(i, ps, dim, glob, trans))
         if only is not None:
-            hit = np.isin(gk, only)
+            hit = member_of_sorted(only, gk)
             pos, gk = pos[hit], gk[hit]
             if pos.size == 0:
                 continue
