@@ -61,6 +61,14 @@ class RowBlock:
     def __len__(self) -> int:
         return int(self.hours.size)
 
+    def take(self, rows: I64) -> RowBlock:
+        """The block's rows at positions `rows` (a new block; the arrays are copied)."""
+        at = rows.tolist()
+        return RowBlock(self.granularity, self.metric, self.dimension, self.hours[rows],
+                        [self.labels[i] for i in at], self.count[rows], self.total[rows], self.lo[rows],
+                        self.hi[rows], None if self.quantiles is None else self.quantiles[rows],
+                        None if self.digests is None else [self.digests[i] for i in at])
+
     def keys(self) -> Iterator[Key]:
         g, m, d = self.granularity, self.metric, self.dimension
         for h, v in zip(self.hours.tolist(), self.labels, strict=True):

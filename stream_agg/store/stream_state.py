@@ -42,7 +42,7 @@ import psycopg
 from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items
 from stream_agg.core.fold import BucketId, Key
 from stream_agg.core.merged_rows import RowBlock, blocks_from_states
-from stream_agg.core.state_table import HOUR
+from stream_agg.core.state_table import HOUR, member_of_sorted
 from stream_agg.store import rows_copy
 from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
 from stream_agg.store.db import connect
@@ -328,6 +328,8 @@ class StreamStore:
         rows = sum(len(b) for b in everything)
         gone = sorted({*gone, *(k for k in keys if k not in found)})
         if rows:
+            everything = _insert_fresh(cur, buckets, everything)
+        if any(len(b) for b in everything):
             cols = ", ".join(rows_copy.COLUMNS)
             # just the copied columns: no id / updated_at defaults evaluated per staged row
             cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS tmp_rows ON COMMIT DELETE ROWS AS SELECT {cols} "
@@ -347,6 +349,55 @@ class StreamStore:
                  [k[4] for k in gone]))
             deleted = len(gone)
         return rows, deleted
+
+
+def _insert_fresh(cur: psycopg.Cursor, buckets: set[BucketId], blocks: list[RowBlock]) -> list[RowBlock]:
+    """COPY the rows of buckets that have no row in metrics_aggregates yet straight into
+    the table, and return the other rows (for the staged upsert).
+
+    Why: catching up a backlog, most rows are of buckets never written before, and a plain
+    COPY into the table costs about two thirds of COPY into the staging table plus
+    `INSERT ... ON CONFLICT` (240,000 rows: 1.56 s against 2.30 s). The caller holds the
+    buckets' advisory locks, so no stream worker or replay writes them meanwhile; the
+    backfill does not take those locks, so if it inserted a row of such a bucket in
+    between, the COPY (in a savepoint) fails on the unique key and every row goes through
+    the upsert instead, which keeps the backfill's row.
+    """
+    ids = sorted(buckets)
+    cur.execute(
+        "SELECT w.g, w.t FROM unnest(%s::text[], %s::timestamptz[]) AS w(g, t) WHERE NOT EXISTS "
+        "(SELECT 1 FROM metrics_aggregates a WHERE a.bucket_time = w.t AND a.granularity = w.g)",
+        ([g for g, _ in ids], [_ts(b) for _, b in ids]))
+    fresh: dict[str, list[int]] = defaultdict(list)
+    for g, t in cur.fetchall():
+        fresh[g].append(int(t.timestamp()) // HOUR)
+    if not fresh:
+        return blocks
+    hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in fresh.items()}
+    new: list[RowBlock] = []
+    rest: list[RowBlock] = []
+    for block in blocks:
+        hit = member_of_sorted(hours.get(block.granularity, _NONE), block.hours)
+        if hit.all():
+            new.append(block)
+        elif hit.any():
+            new.append(block.take(np.flatnonzero(hit)))
+            rest.append(block.take(np.flatnonzero(~hit)))
+        else:
+            rest.append(block)
+    cols = ", ".join(rows_copy.COLUMNS)
+    try:
+        with cur.connection.transaction():  # a savepoint
+            with cur.copy(f"COPY metrics_aggregates ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
+                for chunk in rows_copy.render(new):
+                    copy.write(chunk)
+    except psycopg.errors.UniqueViolation as exc:
+        log.info("rows of a new bucket appeared meanwhile (%s); upserting them instead", exc.diag.message_detail)
+        return blocks
+    return rest
+
+
+_NONE = np.empty(0, dtype=np.int64)
 
 
 def read_bucket_states(cur: psycopg.Cursor, stream: str, buckets: Sequence[BucketId],

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import math
+import threading
+import time
+from typing import Any
 
 import numpy as np
 import psycopg
 from helpers import make_events
 
+from stream_agg.core.buckets import to_datetime
 from stream_agg.core.fold import PartitionState, fold_events
 from stream_agg.core.merged_rows import RowBlock, merged_blocks
 from stream_agg.core.registry import default_registry
+from stream_agg.core.state_table import HOUR
 from stream_agg.store import rows_copy
 from stream_agg.store.schema import migrate
+from stream_agg.store.stream_state import StreamStore
 
 
 def _awkward_block() -> RowBlock:
@@ -57,3 +63,84 @@ def test_rendered_rows_load_back_unchanged(database_url: str) -> None:
         assert (back[9] is None) == (row[9] is None) and (row[9] is None or back[9] == row[9])
         assert back[10:13] == row[10:13]
         assert (bytes(back[13]) if back[13] is not None else None) == row[13]
+
+
+def _table(database_url: str) -> dict[tuple, tuple]:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT bucket_time, granularity, metric_name, dimension_type, dimension_value, count, "
+                            "sum_value, min_value, max_value, source FROM metrics_aggregates").fetchall()
+    return {(r[1], int(r[0].timestamp()), r[2], r[3], r[4]): r[5:] for r in rows}
+
+
+def _blocks(hours: list[int], labels: list[str], base: int) -> RowBlock:
+    n = len(hours)
+    return RowBlock("hour", "trace.duration_ms", "user", np.array(hours, dtype=np.int64), labels,
+                    np.arange(base, base + n, dtype=np.int64), np.arange(n, dtype=np.float64) + base,
+                    np.zeros(n), np.full(n, float(base)), None, None)
+
+
+def test_rows_of_new_buckets_are_copied_and_the_others_upserted(database_url: str) -> None:
+    """A flush's rows: those of buckets without any row go in by plain COPY, the rest by the
+    upsert, which never replaces a backfill row; the table ends up the same either way."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    old, new = 480_000, 480_001  # hours since the epoch
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                     "dimension_value, count, sum_value, source) VALUES "
+                     "(%s, 'hour', 'trace.duration_ms', 'user', 'a', 1, 1, 'stream'), "
+                     "(%s, 'hour', 'trace.duration_ms', 'user', 'b', 1, 1, 'backfill')",
+                     (to_datetime(old * HOUR), to_datetime(old * HOUR)))
+    block = _blocks([old, old, old, new, new], ["a", "b", "c", "a", "b"], base=10)
+    with store.conn().transaction(), store.conn().cursor() as cur:
+        rows, _ = store.merge_rows(cur, "s", set(), blocks=[block])
+        staged = cur.execute("SELECT count(*) FROM tmp_rows").fetchone()  # emptied at commit
+    store.close()
+    assert rows == 5 and staged == (3,)  # the old bucket's rows; the new one's were copied
+    got = _table(database_url)
+    assert got == {
+        ("hour", old * HOUR, "trace.duration_ms", "user", "a"): (10, 10.0, 0.0, 10.0, "stream"),
+        ("hour", old * HOUR, "trace.duration_ms", "user", "b"): (1, 1.0, None, None, "backfill"),
+        ("hour", old * HOUR, "trace.duration_ms", "user", "c"): (12, 12.0, 0.0, 10.0, "stream"),
+        ("hour", new * HOUR, "trace.duration_ms", "user", "a"): (13, 13.0, 0.0, 10.0, "stream"),
+        ("hour", new * HOUR, "trace.duration_ms", "user", "b"): (14, 14.0, 0.0, 10.0, "stream"),
+    }
+
+
+def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(database_url: str) -> None:
+    """The backfill takes no bucket lock: if it commits a row of a bucket the flush found
+    empty, the COPY fails on the unique key, and the upsert keeps the backfill's row."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    hour = 480_002
+    block = _blocks([hour, hour], ["a", "b"], base=20)
+    backfill = psycopg.connect(database_url)
+    backfill.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                     "dimension_value, count, sum_value, source) "
+                     "VALUES (%s, 'hour', 'trace.duration_ms', 'user', 'b', 5, 5, 'backfill')",
+                     (to_datetime(hour * HOUR),))  # not committed yet: the flush's check does not see it
+    result: list[Any] = []
+
+    def flush() -> None:
+        try:
+            with store.conn().transaction(), store.conn().cursor() as cur:
+                result.append(store.merge_rows(cur, "s", set(), blocks=[block]))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result.append(exc)
+
+    writer = threading.Thread(target=flush)
+    writer.start()
+    with psycopg.connect(database_url, autocommit=True) as watch:
+        deadline = time.monotonic() + 30
+        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline, "the flush never waited on the backfill's row"
+            time.sleep(0.02)
+    backfill.commit()  # the COPY, blocked on the unique index, now fails
+    backfill.close()
+    writer.join(30)
+    store.close()
+    assert result == [(2, 0)]
+    assert _table(database_url) == {
+        ("hour", hour * HOUR, "trace.duration_ms", "user", "a"): (20, 20.0, 0.0, 20.0, "stream"),
+        ("hour", hour * HOUR, "trace.duration_ms", "user", "b"): (5, 5.0, None, None, "backfill"),
+    }
