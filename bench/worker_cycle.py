@@ -75,6 +75,7 @@ def one_run(base_url: str, msgs: list[Message], args: argparse.Namespace) -> dic
             nonlocal rows, flushes
             snap = proc.snapshot()
             t["snapshot"] += snap.seconds
+            t["encode"] += snap.encode_seconds
             c = time.perf_counter()
             report = proc.write(snap)
             t["write"] += time.perf_counter() - c

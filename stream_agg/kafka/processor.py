@@ -55,6 +55,9 @@ class Snapshot:
     pending_events: int
     taken_at: float
     seconds: float = 0.0  # spent taking it (on the folding thread)
+    # the partial blobs still to encode: (flush entry, its partition's state, buckets)
+    unencoded: list[tuple[PartitionFlush, PartitionState, list[BucketId]]] = field(default_factory=list)
+    encode_seconds: float = 0.0
 
 
 class PoisonedError(RuntimeError):
@@ -327,11 +330,15 @@ class Processor:
         return any(c.dirty or c.pstate.has_changes() or self.closed_buckets(c, now)
                    for c in self.contexts.values()) or bool(self.traces)
 
-    def snapshot(self) -> Snapshot:
+    def snapshot(self, encode: bool = True) -> Snapshot:
         """Take every change since the last flush out of the live state (copies), or None.
 
         Runs on the processing thread; the copy lets `StreamStore.flush` run on another
         thread while folding goes on. `commit` or `rollback` must follow.
+
+        With `encode=False` the partial blobs are left to `encode`, which must then run on
+        this thread before anything is folded: the worker queues it right behind, so the
+        writer starts on the rows (PostgreSQL's longest step) while the blobs are encoded.
         """
         if self.poisoned:
             raise PoisonedError("in-memory state is inconsistent after an internal error; not flushing it "
@@ -340,17 +347,15 @@ class Processor:
         began = time.perf_counter()
         closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
         parts: list[PartitionFlush] = []
+        unencoded: list[tuple[PartitionFlush, PartitionState, list[BucketId]]] = []
         changes: dict[int, Changes] = {}
         for p, ctx in self.contexts.items():
             ch = ctx.pstate.take_changes()
             if not (ctx.dirty or ch):
                 continue
-            blobs = []
-            for bucket in sorted(ch.buckets()):
-                blob, nkeys = ctx.pstate.encode_bucket(bucket)
-                blobs.append((bucket[0], bucket[1], blob, nkeys))
             parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
-                                        ctx.base_offset, blobs))
+                                        ctx.base_offset))
+            unencoded.append((parts[-1], ctx.pstate, sorted(ch.buckets())))
             changes[p] = ch
             ctx.dirty = False
         payload = None
@@ -358,9 +363,21 @@ class Processor:
             payload = FlushPayload(self.stream_id, parts, self.traces, self.spans)
             self._rows_from_memory(payload, changes)
         snap = Snapshot(payload, closing, changes, self.unacked, self.pending_events, now,
-                        time.perf_counter() - began)
+                        time.perf_counter() - began, unencoded)
         self.traces, self.spans, self.unacked, self.pending_events, self.archive_bytes = [], [], [], 0, 0
+        if encode:
+            self.encode(snap)
         return snap
+
+    def encode(self, snap: Snapshot) -> None:
+        """Encode the snapshot's partial blobs (on the processing thread, before any fold)."""
+        began = time.perf_counter()
+        for part, pstate, buckets in snap.unencoded:
+            for bucket in buckets:
+                blob, nkeys = pstate.encode_bucket(bucket)
+                part.buckets.append((bucket[0], bucket[1], blob, nkeys))
+        snap.unencoded = []
+        snap.encode_seconds = time.perf_counter() - began
 
     def commit(self, snap: Snapshot) -> list[Any]:
         """The snapshot is durable: advance fencing offsets, close buckets; returns refs to ack."""
@@ -426,9 +443,9 @@ class Processor:
         self.metrics.observe_run(seconds, snap.pending_events)
         self.metrics.rows_upserted.inc(report.rows)
         self.metrics.archived_traces.inc(report.traces)
-        log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs (snapshot %.3fs %s) "
-                 "rss=%s", [p.partition for p in snap.payload.partitions], report.partials, report.rows,
-                 report.traces, snap.pending_events, seconds, snap.seconds,
+        log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs (snapshot %.3fs "
+                 "encode %.3fs %s) rss=%s", [p.partition for p in snap.payload.partitions], report.partials,
+                 report.rows, report.traces, snap.pending_events, seconds, snap.seconds, snap.encode_seconds,
                  " ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()), _rss())
         return report
 

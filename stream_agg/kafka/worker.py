@@ -162,6 +162,7 @@ class WorkerShell:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-agg-fold")
         self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-agg-flush")
         self.flush_lock = asyncio.Lock()
+        self.fold_gate = asyncio.Lock()  # held to queue work on the processing thread in a set order
         self.last_flush = time.monotonic()
         self.flush_task: asyncio.Future[bool] | None = None
         self.last_flush_seconds = 0.0
@@ -323,7 +324,8 @@ class WorkerShell:
             if self.stopping:  # not folded, not acked: re-read after the restart
                 return Outcome()
             try:
-                outcome = await self._run(self.processor.process, msgs, decoded)
+                async with self.fold_gate:
+                    outcome = await self._run(self.processor.process, msgs, decoded)
                 self.metrics.db_up.set(1)
                 return outcome
             except (psycopg.Error, OSError) as exc:  # the batch is retried; nothing was changed
@@ -392,7 +394,12 @@ class WorkerShell:
             try:
                 await self.app.producer.flush()  # DLQ records durable before their messages are acked
                 began = time.monotonic()
-                snap = await self._run(self.processor.snapshot)
+                async with self.fold_gate:  # nothing folds between the snapshot and its encoding
+                    snap = await self._run(self.processor.snapshot, False)
+                    if snap.payload is not None:
+                        # queued on the processing thread ahead of any fold; the writer starts
+                        # on the rows meanwhile and waits for the blobs only before the partials
+                        snap.payload.encoded = self.executor.submit(self.processor.encode, snap)
                 loop = asyncio.get_running_loop()
                 try:
                     # PostgreSQL work on its own thread: folding goes on meanwhile.

@@ -32,7 +32,7 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -89,6 +89,8 @@ class FlushPayload:
     resident: list[tuple[str, int, int]] = field(default_factory=list)
     complete: set[BucketId] = field(default_factory=set)  # buckets resident in every partition
     blocks: list[RowBlock] = field(default_factory=list)  # rows of `complete` buckets, merged by the caller
+    # set while the partitions' blobs are still being encoded (by the caller's thread)
+    encoded: Future[None] | None = None
     gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets left without any partial
 
     @property
@@ -109,9 +111,11 @@ class FlushReport:
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the flush log line
 
 
-def _compress_blobs(partitions: list[PartitionFlush]) -> None:
+def _compress_blobs(payload: FlushPayload) -> None:
     """Compress every blob in place, so each raw blob is freed as soon as it is done."""
-    for part in partitions:
+    if payload.encoded is not None:
+        payload.encoded.result()
+    for part in payload.partitions:
         for i, (g, b, blob, n) in enumerate(part.buckets):
             part.buckets[i] = (g, b, compress_blob(blob), n)
 
@@ -207,7 +211,7 @@ class StreamStore:
                 phases[name] = now - clock
                 clock = now
 
-            compressing = self._compressor.submit(_compress_blobs, payload.partitions)
+            compressing = self._compressor.submit(_compress_blobs, payload)
             try:
                 with conn.transaction(), conn.cursor() as cur:
                     self._advance_offsets(cur, payload)

@@ -9,14 +9,17 @@ import logging
 import os
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
 import numpy as np
 import orjson
+import psycopg
 import pytest
 from helpers import make_events
 
 from stream_agg.config import load_config
+from stream_agg.core.aggstate import decode_bucket_items
 from stream_agg.core.registry import default_registry
 from stream_agg.events import encode_event
 from stream_agg.kafka.decode_pool import DecodePool, decode_batch
@@ -195,3 +198,40 @@ def test_an_offset_gap_is_reported_and_the_rest_folded(database_url: str, caplog
     finally:
         again.reader.close()
         again.store.close()
+
+
+def test_blobs_encoded_while_the_write_starts_are_the_ones_written(database_url: str) -> None:
+    """The worker starts the write before the partial blobs are encoded (it queues the
+    encoding behind the snapshot): the write waits for them, and stores what an inline
+    snapshot stores."""
+    migrate(database_url)
+    inline, split = _processor(database_url, "s:inline"), _processor(database_url, "s:split")
+    try:
+        for msgs in _batches()[:2]:
+            inline.process(msgs)
+            split.process(msgs)
+        inline.flush()
+        snap = split.snapshot(encode=False)
+        assert snap.payload is not None and snap.unencoded
+        assert all(not part.buckets for part in snap.payload.partitions)
+        encoded: Future[None] = Future()
+        snap.payload.encoded = encoded
+        with ThreadPoolExecutor(1) as pool:
+            writing = pool.submit(split.write, snap)
+            time.sleep(0.3)
+            assert not writing.done()  # waiting for the blobs
+            split.encode(snap)
+            encoded.set_result(None)
+            report = writing.result(60)
+        split.commit(snap)
+        assert report is not None and report.partials > 0
+        with psycopg.connect(database_url) as conn:
+            rows = conn.execute("SELECT stream, granularity, bucket_time, partition, states FROM stream_partials "
+                                "ORDER BY granularity, bucket_time, partition").fetchall()
+        by = {s: {(g, t, p): decode_bucket_items(bytes(b)) for st, g, t, p, b in rows if st == s}
+              for s in ("s:inline", "s:split")}
+        assert by["s:split"] == by["s:inline"] and len(by["s:split"]) == report.partials
+    finally:
+        for proc in (inline, split):
+            proc.reader.close()
+            proc.store.close()
