@@ -34,7 +34,7 @@ from stream_agg.events import decode_message, encode_event
 from stream_agg.kafka.decode_pool import DecodedPart, decode_partition
 from stream_agg.observability import Metrics
 from stream_agg.store import archive_copy
-from stream_agg.store.stream_state import FlushPayload, FlushReport, PartitionFlush, StreamStore
+from stream_agg.store.stream_state import BlobFeed, FlushPayload, FlushReport, PartitionFlush, StreamStore
 
 log = logging.getLogger(__name__)
 
@@ -369,13 +369,23 @@ class Processor:
             self.encode(snap)
         return snap
 
-    def encode(self, snap: Snapshot) -> None:
-        """Encode the snapshot's partial blobs (on the processing thread, before any fold)."""
+    def encode(self, snap: Snapshot, feed: BlobFeed | None = None) -> None:
+        """Encode the snapshot's partial blobs (on the processing thread, before any fold),
+        handing each to `feed` as soon as it is made."""
         began = time.perf_counter()
-        for part, pstate, buckets in snap.unencoded:
-            for bucket in buckets:
-                blob, nkeys = pstate.encode_bucket(bucket)
-                part.buckets.append((bucket[0], bucket[1], blob, nkeys))
+        try:
+            for part, pstate, buckets in snap.unencoded:
+                for bucket in buckets:
+                    blob, nkeys = pstate.encode_bucket(bucket)
+                    part.buckets.append((bucket[0], bucket[1], blob, nkeys))
+                    if feed is not None:
+                        feed.put(part, len(part.buckets) - 1)
+        except BaseException as exc:
+            if feed is not None:
+                feed.close(exc)
+            raise
+        if feed is not None:
+            feed.close()
         snap.unencoded = []
         snap.encode_seconds = time.perf_counter() - began
 

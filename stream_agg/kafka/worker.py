@@ -30,7 +30,7 @@ from stream_agg.kafka.decode_pool import DecodedPart, DecodePool
 from stream_agg.kafka.processor import Message, Outcome, PoisonedError, Processor
 from stream_agg.observability import Metrics
 from stream_agg.store.db import describe_db_error
-from stream_agg.store.stream_state import FencedError, StreamStore
+from stream_agg.store.stream_state import BlobFeed, FencedError, StreamStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -399,7 +399,8 @@ class WorkerShell:
                     if snap.payload is not None:
                         # queued on the processing thread ahead of any fold; the writer starts
                         # on the rows meanwhile and waits for the blobs only before the partials
-                        snap.payload.encoded = self.executor.submit(self.processor.encode, snap)
+                        snap.payload.encoded = BlobFeed()
+                        self.executor.submit(self.processor.encode, snap, snap.payload.encoded)
                 loop = asyncio.get_running_loop()
                 try:
                     # PostgreSQL work on its own thread: folding goes on meanwhile.

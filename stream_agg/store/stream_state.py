@@ -28,13 +28,15 @@ takes from memory, never from the table.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import psycopg
@@ -90,7 +92,7 @@ class FlushPayload:
     complete: set[BucketId] = field(default_factory=set)  # buckets resident in every partition
     blocks: list[RowBlock] = field(default_factory=list)  # rows of `complete` buckets, merged by the caller
     # set while the partitions' blobs are still being encoded (by the caller's thread)
-    encoded: Future[None] | None = None
+    encoded: BlobFeed | None = None
     gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets left without any partial
 
     @property
@@ -111,13 +113,41 @@ class FlushReport:
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the flush log line
 
 
+class BlobFeed:
+    """Partial blobs handed from the thread encoding them to the one compressing them, one
+    by one: a big flush encodes ~200 MB of raw blobs, which would otherwise all be held at
+    once before the first is compressed."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def put(self, part: PartitionFlush, index: int) -> None:
+        """`part.buckets[index]` is encoded."""
+        self._queue.put((part, index))
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Everything is encoded, or encoding failed with `error`."""
+        self._queue.put(self._END if error is None else error)
+
+    def __iter__(self) -> Iterator[tuple[PartitionFlush, int]]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise RuntimeError("encoding the partial blobs failed") from item
+            yield item
+
+
 def _compress_blobs(payload: FlushPayload) -> None:
     """Compress every blob in place, so each raw blob is freed as soon as it is done."""
-    if payload.encoded is not None:
-        payload.encoded.result()
-    for part in payload.partitions:
-        for i, (g, b, blob, n) in enumerate(part.buckets):
-            part.buckets[i] = (g, b, compress_blob(blob), n)
+    fed = payload.encoded if payload.encoded is not None else (
+        (part, i) for part in payload.partitions for i in range(len(part.buckets)))
+    for part, i in fed:
+        g, b, blob, n = part.buckets[i]
+        part.buckets[i] = (g, b, compress_blob(blob), n)
 
 
 def _ts(epoch: int) -> datetime:

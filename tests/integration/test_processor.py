@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import numpy as np
@@ -26,7 +26,7 @@ from stream_agg.kafka.decode_pool import DecodePool, decode_batch
 from stream_agg.kafka.processor import Message, Processor
 from stream_agg.observability import Metrics
 from stream_agg.store.schema import migrate
-from stream_agg.store.stream_state import StreamStore
+from stream_agg.store.stream_state import BlobFeed, StreamStore
 
 
 def _batches() -> list[list[Message]]:
@@ -214,14 +214,12 @@ def test_blobs_encoded_while_the_write_starts_are_the_ones_written(database_url:
         snap = split.snapshot(encode=False)
         assert snap.payload is not None and snap.unencoded
         assert all(not part.buckets for part in snap.payload.partitions)
-        encoded: Future[None] = Future()
-        snap.payload.encoded = encoded
+        snap.payload.encoded = feed = BlobFeed()
         with ThreadPoolExecutor(1) as pool:
             writing = pool.submit(split.write, snap)
             time.sleep(0.3)
             assert not writing.done()  # waiting for the blobs
-            split.encode(snap)
-            encoded.set_result(None)
+            split.encode(snap, feed)
             report = writing.result(60)
         split.commit(snap)
         assert report is not None and report.partials > 0
@@ -235,3 +233,32 @@ def test_blobs_encoded_while_the_write_starts_are_the_ones_written(database_url:
         for proc in (inline, split):
             proc.reader.close()
             proc.store.close()
+
+
+def test_a_failed_encoding_fails_the_write_and_the_state_is_kept(database_url: str) -> None:
+    """If encoding the blobs raises, the write fails (nothing is committed) instead of
+    waiting forever, and the rolled-back changes are flushed by the next try."""
+    migrate(database_url)
+    proc = _processor(database_url, "s:fail")
+    try:
+        proc.process(_batches()[0])
+        snap = proc.snapshot(encode=False)
+        assert snap.payload is not None
+        snap.payload.encoded = feed = BlobFeed()
+        feed.close(MemoryError("no room"))
+        with pytest.raises(RuntimeError, match="encoding the partial blobs failed"):
+            proc.write(snap)
+        proc.rollback(snap)
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT count(*) FROM stream_partials").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM metrics_aggregates").fetchone() == (0,)
+        report, _ = proc.flush()
+        assert report is not None and report.partials > 0
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT count(*) FROM stream_partials").fetchone() == (report.partials,)
+            assert conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
+                                "metric_name = 'trace.duration_ms' AND dimension_type = 'all'"
+                                ).fetchone() == (400,)
+    finally:
+        proc.reader.close()
+        proc.store.close()
