@@ -5,8 +5,10 @@ the core. Faust's own windowed tables are not used (they expire windows by wall 
 and drop late events); its offset commits are kept *behind* PostgreSQL by holding an
 extra reference on every message until the flush that made it durable has committed.
 
-Threading: processing and flushing run on one dedicated thread, in submission order,
-so the event loop stays free for heartbeats and fetching, and the two never overlap.
+Threading: folding, snapshots and the encoding of partial blobs run on one processing
+thread, in submission order (the fold gate keeps a snapshot's encoding right behind it);
+PostgreSQL writes run on a writer thread while folding goes on; the event loop stays free
+for heartbeats and fetching; JSON decoding runs in a helper process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -83,6 +86,18 @@ def _chunks(msgs: list[Message], limit: int) -> list[list[Message]]:
         out[-1].append(m)
         size += n
     return out
+
+
+def caught_up(next_offsets: dict[int, int], highwater: Callable[[int], int | None]) -> bool:
+    """Whether every partition's next offset to fold has reached its high watermark (the
+    offset after the last message Kafka reported); unknown watermarks count as behind."""
+    if not next_offsets:
+        return False
+    for p, next_offset in next_offsets.items():
+        high = highwater(p)
+        if high is None or next_offset < high:
+            return False
+    return True
 
 
 def stream_id(config: Config) -> str:
@@ -356,11 +371,24 @@ class WorkerShell:
         while not self.stopping:
             await asyncio.sleep(min(TICK, self.config.flush_interval / 2))
             self._update_lag()
-            idle = time.monotonic() - self.last_batch >= IDLE_AFTER
+            idle = time.monotonic() - self.last_batch >= IDLE_AFTER or self._caught_up()
             if self.stopping or time.monotonic() - self.last_flush < self._next_delay(idle):
                 continue
             if await self._run(self.processor.has_work, time.time()):
                 self._flush_soon("timer")
+
+    def _caught_up(self) -> bool:
+        """Everything Kafka held for this worker's partitions at its last fetch is folded.
+
+        The end of a backlog is then flushed at once, instead of a second later when no
+        message has come for IDLE_AFTER (which is what stays for a quiet topic, and for a
+        partition whose high watermark is not known yet)."""
+        consumer, topic = self.app.consumer, self.config.topic
+        try:
+            return caught_up({p: ctx.next_offset for p, ctx in list(self.processor.contexts.items())},
+                             lambda p: consumer.highwater(TP(topic, p)))
+        except Exception:  # noqa: BLE001 - not known before the consumer has fetched
+            return False
 
     def _next_delay(self, idle: bool = False) -> float:
         if self.failures:
