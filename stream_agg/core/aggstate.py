@@ -256,6 +256,10 @@ def compress_blob(blob: bytes) -> bytes:
     return _COMPRESSED + zlib.compress(blob, 1)
 
 
+def is_compressed(blob: bytes) -> bool:
+    return blob[:1] == _COMPRESSED
+
+
 def decode_bucket_items(data: bytes) -> list[tuple[str, str, str, bytes]]:
     """A blob's (metric, dimension, value, state bytes), states not yet parsed."""
     if data[:1] == _COMPRESSED:

@@ -381,13 +381,15 @@ class Processor:
                     if feed is not None:
                         feed.put(part, len(part.buckets) - 1)
         except BaseException as exc:
+            log.exception("encoding the partial blobs failed (partitions %s)",
+                          [part.partition for part, _, _ in snap.unencoded])
             if feed is not None:
                 feed.close(exc)
             raise
-        if feed is not None:
-            feed.close()
         snap.unencoded = []
         snap.encode_seconds = time.perf_counter() - began
+        if feed is not None:
+            feed.close()
 
     def commit(self, snap: Snapshot) -> list[Any]:
         """The snapshot is durable: advance fencing offsets, close buckets; returns refs to ack."""

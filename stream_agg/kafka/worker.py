@@ -100,6 +100,29 @@ def caught_up(next_offsets: dict[int, int], highwater: Callable[[int], int | Non
     return True
 
 
+class BacklogEnd:
+    """Says once, when a backlog has just been folded, that it is time to flush.
+
+    A backlog shows as a full take (the batch size or byte budget reached); its end, as
+    every partition folded to its high watermark. Edge-triggered on purpose: a worker
+    keeping up with live traffic is caught up between most fetches, and flushing on the
+    level would flush every second instead of every `flush_interval`.
+    """
+
+    def __init__(self) -> None:
+        self.behind = False
+
+    def took(self, full: bool) -> None:
+        if full:
+            self.behind = True
+
+    def ended(self, next_offsets: dict[int, int], highwater: Callable[[int], int | None]) -> bool:
+        if self.behind and caught_up(next_offsets, highwater):
+            self.behind = False
+            return True
+        return False
+
+
 def stream_id(config: Config) -> str:
     """Identity of the stream's stored state: one per (consumer group, topic)."""
     return f"{config.group_id}:{config.topic}"
@@ -115,9 +138,9 @@ class BoundedBufferConsumer(faust_aiokafka.Consumer):
     to 1 s every few batches: the agent waited 3.7 s for messages in a 10 s bench run
     (`bench/stream_e2e.py`, scenario 1). Keeping every partition fetchable leaves the
     bound to the buffer itself: the conductor awaits `put` on a full queue, so fetching
-    pauses exactly as long as the buffer is full, and memory stays bounded by
-    `stream_buffer_maxsize` messages plus what aiokafka has fetched ahead (one fetch, at
-    most `consumer_max_fetch_size` per partition).
+    pauses exactly as long as the buffer is full, and memory stays bounded as before:
+    `stream_buffer_maxsize` messages, plus the fetch being handed over and the one aiokafka
+    has fetched ahead (each at most `consumer_max_fetch_size` per partition).
     """
 
     def on_buffer_full(self, tp: TP) -> None:
@@ -128,7 +151,8 @@ def build_app(config: Config) -> faust.App:
     """A Faust app configured for this worker (no tables, no web server, raw values)."""
     app = _faust_app(config)
     # The transport builds the consumer lazily from this attribute (Transport.create_consumer).
-    app.transport.Consumer = BoundedBufferConsumer
+    if isinstance(app.transport, faust_aiokafka.Transport):
+        app.transport.Consumer = BoundedBufferConsumer
     return app
 
 
@@ -182,6 +206,7 @@ class WorkerShell:
         self.flush_task: asyncio.Future[bool] | None = None
         self.last_flush_seconds = 0.0
         self.last_batch = time.monotonic()  # when the agent last handed over messages
+        self.backlog = BacklogEnd()
         self.failures = 0
         self.stopping = False
         # Micro-batches go from the agent to the fold loop through a small queue, each with its
@@ -271,6 +296,7 @@ class WorkerShell:
         limit = TakeLimit(self.config.batch_size, FOLD_BYTES)
         stream.add_processor(limit.count)  # runs before take_events' own buffering processor
         async for events in stream.take_events(limit, within=self.config.batch_timeout):  # type: ignore[arg-type]
+            self.backlog.took(len(events) >= limit.messages or limit.bytes >= limit.max_bytes)
             limit.reset()
             msgs = []
             for ev in events:
@@ -371,22 +397,24 @@ class WorkerShell:
         while not self.stopping:
             await asyncio.sleep(min(TICK, self.config.flush_interval / 2))
             self._update_lag()
-            idle = time.monotonic() - self.last_batch >= IDLE_AFTER or self._caught_up()
+            idle = time.monotonic() - self.last_batch >= IDLE_AFTER or self._backlog_ended()
             if self.stopping or time.monotonic() - self.last_flush < self._next_delay(idle):
                 continue
             if await self._run(self.processor.has_work, time.time()):
                 self._flush_soon("timer")
 
-    def _caught_up(self) -> bool:
-        """Everything Kafka held for this worker's partitions at its last fetch is folded.
+    def _backlog_ended(self) -> bool:
+        """A backlog has just been folded to the end of what Kafka held at its last fetch.
 
-        The end of a backlog is then flushed at once, instead of a second later when no
-        message has come for IDLE_AFTER (which is what stays for a quiet topic, and for a
-        partition whose high watermark is not known yet)."""
+        Its end is then flushed at once, instead of a second later when no message has
+        come for IDLE_AFTER (which is what stays for a quiet topic, and for a partition
+        whose high watermark is not known yet)."""
+        if not self.backlog.behind:
+            return False
         consumer, topic = self.app.consumer, self.config.topic
         try:
-            return caught_up({p: ctx.next_offset for p, ctx in list(self.processor.contexts.items())},
-                             lambda p: consumer.highwater(TP(topic, p)))
+            return self.backlog.ended({p: ctx.next_offset for p, ctx in list(self.processor.contexts.items())},
+                                      lambda p: consumer.highwater(TP(topic, p)))
         except Exception:  # noqa: BLE001 - not known before the consumer has fetched
             return False
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import psycopg
 
-from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items
+from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, is_compressed
 from stream_agg.core.fold import BucketId, Key
 from stream_agg.core.merged_rows import RowBlock, blocks_from_states
 from stream_agg.core.state_table import HOUR, member_of_sorted
@@ -115,8 +115,9 @@ class FlushReport:
 
 class BlobFeed:
     """Partial blobs handed from the thread encoding them to the one compressing them, one
-    by one: a big flush encodes ~200 MB of raw blobs, which would otherwise all be held at
-    once before the first is compressed."""
+    by one: a big flush encodes ~200 MB of raw blobs, and each is freed as soon as the
+    compress thread gets to it instead of after the last one is encoded. (Unbounded on
+    purpose: a bound would make the processing thread wait on the writer.)"""
 
     _END = object()
 
@@ -141,13 +142,18 @@ class BlobFeed:
             yield item
 
 
-def _compress_blobs(payload: FlushPayload) -> None:
-    """Compress every blob in place, so each raw blob is freed as soon as it is done."""
+def compress_blobs(payload: FlushPayload) -> None:
+    """Compress every blob in place, so each raw blob is freed as soon as it is done.
+
+    Safe to run again on the same payload: the feed is used once, and a blob already
+    compressed (its "Z" prefix; raw blobs start with msgpack's 0x92) is left alone."""
     fed = payload.encoded if payload.encoded is not None else (
         (part, i) for part in payload.partitions for i in range(len(part.buckets)))
     for part, i in fed:
         g, b, blob, n = part.buckets[i]
-        part.buckets[i] = (g, b, compress_blob(blob), n)
+        if not is_compressed(blob):
+            part.buckets[i] = (g, b, compress_blob(blob), n)
+    payload.encoded = None
 
 
 def _ts(epoch: int) -> datetime:
@@ -168,7 +174,7 @@ class StreamStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self._conn: psycopg.Connection | None = None
-        self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-agg-compress")
+        self._compressor: ThreadPoolExecutor | None = None
 
     # ----------------------------------------------------------------- connection
 
@@ -181,6 +187,9 @@ class StreamStore:
         if self._conn is not None and not self._conn.closed:
             self._conn.close()
         self._conn = None
+        if self._compressor is not None:
+            self._compressor.shutdown(wait=True)
+            self._compressor = None
 
     def _reset(self) -> None:
         """Forget a connection that failed mid-transaction."""
@@ -241,7 +250,9 @@ class StreamStore:
                 phases[name] = now - clock
                 clock = now
 
-            compressing = self._compressor.submit(_compress_blobs, payload)
+            if self._compressor is None:
+                self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-agg-compress")
+            compressing = self._compressor.submit(compress_blobs, payload)
             try:
                 with conn.transaction(), conn.cursor() as cur:
                     self._advance_offsets(cur, payload)
@@ -419,14 +430,17 @@ def _insert_fresh(cur: psycopg.Cursor, buckets: set[BucketId], blocks: list[RowB
             rest.append(block.take(np.flatnonzero(~hit)))
         else:
             rest.append(block)
+    if not any(len(b) for b in new):
+        return blocks
     cols = ", ".join(rows_copy.COLUMNS)
     try:
         with cur.connection.transaction():  # a savepoint
             with cur.copy(f"COPY metrics_aggregates ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
                 for chunk in rows_copy.render(new):
                     copy.write(chunk)
-    except psycopg.errors.UniqueViolation as exc:
-        log.info("rows of a new bucket appeared meanwhile (%s); upserting them instead", exc.diag.message_detail)
+    except psycopg.errors.UniqueViolation:
+        log.info("a row of new buckets %s appeared meanwhile (a backfill?); upserting their rows instead",
+                 sorted((g, _ts(h * HOUR).isoformat()) for g, hs in hours.items() for h in hs.tolist())[:5])
         return blocks
     return rest
 

@@ -19,14 +19,14 @@ import pytest
 from helpers import make_events
 
 from stream_agg.config import load_config
-from stream_agg.core.aggstate import decode_bucket_items
+from stream_agg.core.aggstate import decode_bucket_items, is_compressed
 from stream_agg.core.registry import default_registry
 from stream_agg.events import encode_event
 from stream_agg.kafka.decode_pool import DecodePool, decode_batch
 from stream_agg.kafka.processor import Message, Processor
 from stream_agg.observability import Metrics
 from stream_agg.store.schema import migrate
-from stream_agg.store.stream_state import BlobFeed, StreamStore
+from stream_agg.store.stream_state import BlobFeed, StreamStore, compress_blobs
 
 
 def _batches() -> list[list[Message]]:
@@ -259,6 +259,28 @@ def test_a_failed_encoding_fails_the_write_and_the_state_is_kept(database_url: s
             assert conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
                                 "metric_name = 'trace.duration_ms' AND dimension_type = 'all'"
                                 ).fetchone() == (400,)
+    finally:
+        proc.reader.close()
+        proc.store.close()
+
+
+def test_compressing_a_payload_twice_leaves_its_blobs_readable(database_url: str) -> None:
+    """A write retried with the same payload must not compress its blobs a second time."""
+    migrate(database_url)
+    proc = _processor(database_url, "s:twice")
+    try:
+        proc.process(_batches()[0])
+        snap = proc.snapshot(encode=False)
+        assert snap.payload is not None
+        snap.payload.encoded = feed = BlobFeed()
+        proc.encode(snap, feed)
+        raw = [blob for part in snap.payload.partitions for _, _, blob, _ in part.buckets]
+        compress_blobs(snap.payload)
+        once = [blob for part in snap.payload.partitions for _, _, blob, _ in part.buckets]
+        compress_blobs(snap.payload)  # the feed is spent: the blobs are walked again, and kept
+        again = [blob for part in snap.payload.partitions for _, _, blob, _ in part.buckets]
+        assert raw and again == once and all(is_compressed(b) for b in once)
+        assert [decode_bucket_items(b) for b in again] == [decode_bucket_items(b) for b in raw]
     finally:
         proc.reader.close()
         proc.store.close()

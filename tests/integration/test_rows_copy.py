@@ -144,3 +144,44 @@ def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(dat
         ("hour", hour * HOUR, "trace.duration_ms", "user", "a"): (20, 20.0, 0.0, 20.0, "stream"),
         ("hour", hour * HOUR, "trace.duration_ms", "user", "b"): (5, 5.0, None, None, "backfill"),
     }
+
+
+def test_a_flush_split_between_new_and_existing_buckets_writes_every_column(database_url: str) -> None:
+    """Real merged blocks (hour, day and week; percentiles and digests): rows of buckets that
+    already have a row are upserted, the others copied, a block split between both; every
+    column reads back as merged."""
+    migrate(database_url)
+    reg = default_registry({"user": 5})
+    parts = [PartitionState(reg) for _ in range(2)]
+    events = make_events(800, seed=33, hours=30, users=12)
+    for i, p in enumerate(parts):
+        fold_events(p, events[i::2], np.arange(i, len(events), 2))
+    blocks = merged_blocks(parts, set().union(*(p.buckets for p in parts)))
+    want = {k: row for b in blocks for k, row in b.rows()}
+    existing = sorted({(k[0], k[1]) for k in want})[::3]  # every third bucket has a (stale) row
+    assert {g for g, _ in existing} == {"hour", "day", "week"}
+    stale = [k for k in want if (k[0], k[1]) in set(existing)]
+    with psycopg.connect(database_url) as conn:
+        for g, t, m, d, v in stale[::2]:  # half of those buckets' keys, with wrong values
+            conn.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                         "dimension_value, count, sum_value) VALUES (%s, %s, %s, %s, %s, 999, -1)",
+                         (to_datetime(t), g, m, d, v))
+    assert any(0 < sum((b.granularity, int(h) * HOUR) in set(existing) for h in b.hours) < len(b) for b in blocks)
+    store = StreamStore(database_url)
+    with store.conn().transaction(), store.conn().cursor() as cur:
+        rows, _ = store.merge_rows(cur, "s", set(), blocks=blocks)
+        staged = cur.execute("SELECT count(*) FROM tmp_rows").fetchone()
+    store.close()
+    assert rows == len(want)
+    assert staged == (sum(1 for k in want if (k[0], k[1]) in set(existing)),)  # only those went through the upsert
+    with psycopg.connect(database_url) as conn:
+        got = conn.execute("SELECT bucket_time, granularity, metric_name, dimension_type, dimension_value, count, "
+                           "sum_value, min_value, max_value, avg_value, p50_value, p95_value, p99_value, digest, "
+                           "source, updated_at IS NOT NULL FROM metrics_aggregates").fetchall()
+    assert len(got) == len(want)
+    for r in got:
+        key = (r[1], int(r[0].timestamp()), r[2], r[3], r[4])
+        w = want[key]
+        assert r[5:13] == w[5:13], key
+        assert (bytes(r[13]) if r[13] is not None else None) == w[13], key
+        assert r[14:] == ("stream", True)

@@ -1,8 +1,8 @@
-"""`caught_up`: the worker flushes the end of a backlog as soon as it has folded all of it."""
+"""The worker flushes the end of a backlog as soon as it has folded all of it, once."""
 
 from __future__ import annotations
 
-from stream_agg.kafka.worker import caught_up
+from stream_agg.kafka.worker import BacklogEnd, caught_up
 
 
 def test_caught_up_only_when_every_partition_reached_its_high_watermark() -> None:
@@ -13,3 +13,18 @@ def test_caught_up_only_when_every_partition_reached_its_high_watermark() -> Non
     assert not caught_up({0: 120, 1: 39}, high.get)
     assert not caught_up({0: 120, 1: 40, 2: 0}, high.get)  # partition 2: no watermark known yet
     assert not caught_up({}, high.get)  # nothing assigned: nothing to say
+
+
+def test_the_end_of_a_backlog_is_signalled_once_and_live_traffic_never() -> None:
+    end = BacklogEnd()
+    high = {0: 10}
+    for offset in range(1, 11):  # live traffic: small takes, caught up after each
+        end.took(full=False)
+        assert not end.ended({0: offset}, high.get)
+    end.took(full=True)  # a backlog: full takes
+    assert not end.ended({0: 5}, high.get)  # still behind
+    end.took(full=True)
+    assert end.ended({0: 10}, high.get)  # folded to the end: flush now
+    assert not end.ended({0: 10}, high.get)  # once
+    end.took(full=False)
+    assert not end.ended({0: 10}, high.get)
