@@ -30,7 +30,7 @@ from faust.types import TP
 from stream_agg.config import Config
 from stream_agg.core.registry import Registry, default_registry
 from stream_agg.kafka.decode_pool import DecodedPart, DecodePool
-from stream_agg.kafka.processor import Message, Outcome, PoisonedError, Processor
+from stream_agg.kafka.processor import Message, Outcome, PoisonedError, Processor, Snapshot
 from stream_agg.observability import Metrics
 from stream_agg.store.db import describe_db_error
 from stream_agg.store.stream_state import BlobFeed, FencedError, StreamStore
@@ -450,13 +450,7 @@ class WorkerShell:
             try:
                 await self.app.producer.flush()  # DLQ records durable before their messages are acked
                 began = time.monotonic()
-                async with self.fold_gate:  # nothing folds between the snapshot and its encoding
-                    snap = await self._run(self.processor.snapshot, False)
-                    if snap.payload is not None:
-                        # queued on the processing thread ahead of any fold; the writer starts
-                        # on the rows meanwhile and waits for the blobs only before the partials
-                        snap.payload.encoded = BlobFeed()
-                        self.executor.submit(self.processor.encode, snap, snap.payload.encoded)
+                snap = await self._snapshot()
                 loop = asyncio.get_running_loop()
                 try:
                     # PostgreSQL work on its own thread: folding goes on meanwhile.
@@ -488,6 +482,18 @@ class WorkerShell:
             self.metrics.db_up.set(1)
             self._ack(refs)
             return True
+
+    async def _snapshot(self) -> Snapshot:
+        """Take a snapshot and queue the encoding of its blobs right behind it, ahead of any
+        fold: the writer starts on the rows meanwhile and waits for the blobs only before
+        the partials. The fold gate keeps a fold from being queued in between, which would
+        put events past the snapshot's offsets into its blobs."""
+        async with self.fold_gate:
+            snap: Snapshot = await self._run(self.processor.snapshot, False)
+            if snap.payload is not None:
+                snap.payload.encoded = BlobFeed()
+                self.executor.submit(self.processor.encode, snap, snap.payload.encoded)
+        return snap
 
     def _update_lag(self) -> None:
         try:

@@ -19,11 +19,12 @@ import pytest
 from helpers import make_events
 
 from stream_agg.config import load_config
-from stream_agg.core.aggstate import decode_bucket_items, is_compressed
+from stream_agg.core.aggstate import decode_bucket, decode_bucket_items, is_compressed
 from stream_agg.core.registry import default_registry
 from stream_agg.events import encode_event
 from stream_agg.kafka.decode_pool import DecodePool, decode_batch
-from stream_agg.kafka.processor import Message, Processor
+from stream_agg.kafka.processor import Message, Processor, Snapshot
+from stream_agg.kafka.worker import WorkerShell
 from stream_agg.observability import Metrics
 from stream_agg.store.schema import migrate
 from stream_agg.store.stream_state import BlobFeed, StreamStore, compress_blobs
@@ -284,3 +285,36 @@ def test_compressing_a_payload_twice_leaves_its_blobs_readable(database_url: str
     finally:
         proc.reader.close()
         proc.store.close()
+
+
+def test_a_fold_queued_during_a_snapshot_waits_for_its_blobs(database_url: str) -> None:
+    """The worker encodes a snapshot's blobs after the snapshot, on the processing thread. A
+    micro-batch arriving meanwhile must be folded after that encoding, or the stored blobs
+    would hold events past the offsets stored with them (counted twice after a restart)."""
+    migrate(database_url)
+    config = load_config(env={}, database_url=database_url, metrics_port=0, decode_processes=0, archive=False)
+    shell = WorkerShell(config, metrics=Metrics(), topic_partitions=2)
+    shell.processor.assign({0, 1})
+    first, second = _batches()[:2]
+    try:
+        async def fold_during_a_snapshot() -> Snapshot:
+            await shell._process(first, None)
+            snap, _ = await asyncio.gather(shell._snapshot(), shell._process(second, None))
+            return snap
+
+        snap = asyncio.run(fold_during_a_snapshot())
+        assert shell.processor.pending_events == 400  # the second batch, folded after the snapshot
+        assert shell.processor.write(snap) is not None
+        shell.processor.commit(snap)
+        with psycopg.connect(database_url) as conn:
+            blobs = conn.execute("SELECT states FROM stream_partials WHERE granularity = 'hour'").fetchall()
+            offsets = dict(conn.execute("SELECT partition, next_offset FROM stream_offsets").fetchall())
+        stored = sum(s.count for (blob,) in blobs for m, d, _, s in decode_bucket(bytes(blob))
+                     if m == "trace.duration_ms" and d == "all")
+        assert stored == 400  # the first batch's events only
+        assert offsets == {p: max(m.offset for m in first if m.partition == p) + 1 for p in (0, 1)}
+    finally:
+        shell.executor.shutdown(wait=True)
+        shell.writer.shutdown(wait=True)
+        shell.processor.reader.close()
+        shell.store.close()
