@@ -236,16 +236,22 @@ def test_blobs_encoded_while_the_write_starts_are_the_ones_written(database_url:
             proc.store.close()
 
 
+def _snapshot_with_feed(proc: Processor) -> tuple[Snapshot, BlobFeed]:
+    """The first batch folded and snapshot as the worker does: blobs left to a feed."""
+    proc.process(_batches()[0])
+    snap = proc.snapshot(encode=False)
+    assert snap.payload is not None and snap.unencoded
+    snap.payload.encoded = feed = BlobFeed()
+    return snap, feed
+
+
 def test_a_failed_encoding_fails_the_write_and_the_state_is_kept(database_url: str) -> None:
     """If encoding the blobs raises, the write fails (nothing is committed) instead of
     waiting forever, and the rolled-back changes are flushed by the next try."""
     migrate(database_url)
     proc = _processor(database_url, "s:fail")
     try:
-        proc.process(_batches()[0])
-        snap = proc.snapshot(encode=False)
-        assert snap.payload is not None
-        snap.payload.encoded = feed = BlobFeed()
+        snap, feed = _snapshot_with_feed(proc)
         feed.close(MemoryError("no room"))
         with pytest.raises(RuntimeError, match="encoding the partial blobs failed"):
             proc.write(snap)
@@ -270,10 +276,7 @@ def test_compressing_a_payload_twice_leaves_its_blobs_readable(database_url: str
     migrate(database_url)
     proc = _processor(database_url, "s:twice")
     try:
-        proc.process(_batches()[0])
-        snap = proc.snapshot(encode=False)
-        assert snap.payload is not None
-        snap.payload.encoded = feed = BlobFeed()
+        snap, feed = _snapshot_with_feed(proc)
         proc.encode(snap, feed)
         raw = [blob for part in snap.payload.partitions for _, _, blob, _ in part.buckets]
         compress_blobs(snap.payload)
