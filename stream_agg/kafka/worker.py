@@ -67,8 +67,11 @@ class TakeLimit:
     def reset(self) -> None:
         self.bytes = 0
 
-    def __le__(self, taken: int) -> bool:
+    def reached(self, taken: int) -> bool:
         return taken >= self.messages or self.bytes >= self.max_bytes
+
+    def __le__(self, taken: int) -> bool:
+        return self.reached(taken)
 
     def __repr__(self) -> str:
         return f"TakeLimit({self.messages} messages or {self.max_bytes} bytes)"
@@ -296,7 +299,7 @@ class WorkerShell:
         limit = TakeLimit(self.config.batch_size, FOLD_BYTES)
         stream.add_processor(limit.count)  # runs before take_events' own buffering processor
         async for events in stream.take_events(limit, within=self.config.batch_timeout):  # type: ignore[arg-type]
-            self.backlog.took(len(events) >= limit.messages or limit.bytes >= limit.max_bytes)
+            self.backlog.took(limit.reached(len(events)))
             limit.reset()
             msgs = []
             for ev in events:

@@ -91,9 +91,9 @@ class FlushPayload:
     resident: list[tuple[str, int, int]] = field(default_factory=list)
     complete: set[BucketId] = field(default_factory=set)  # buckets resident in every partition
     blocks: list[RowBlock] = field(default_factory=list)  # rows of `complete` buckets, merged by the caller
+    gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets left without any partial
     # set while the partitions' blobs are still being encoded (by the caller's thread)
     encoded: BlobFeed | None = None
-    gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets left without any partial
 
     @property
     def changed_keys(self) -> set[Key]:
@@ -375,13 +375,10 @@ class StreamStore:
         if rows:
             everything = _insert_fresh(cur, buckets, everything)
         if any(len(b) for b in everything):
-            cols = ", ".join(rows_copy.COLUMNS)
             # just the copied columns: no id / updated_at defaults evaluated per staged row
-            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS tmp_rows ON COMMIT DELETE ROWS AS SELECT {cols} "
-                        "FROM metrics_aggregates WITH NO DATA")
-            with cur.copy(f"COPY tmp_rows ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
-                for chunk in rows_copy.render(everything):
-                    copy.write(chunk)
+            cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS tmp_rows ON COMMIT DELETE ROWS AS SELECT "
+                        f"{', '.join(rows_copy.COLUMNS)} FROM metrics_aggregates WITH NO DATA")
+            _copy_blocks(cur, "tmp_rows", everything)
             cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
         deleted = 0
         if gone:
@@ -432,12 +429,9 @@ def _insert_fresh(cur: psycopg.Cursor, buckets: set[BucketId], blocks: list[RowB
             rest.append(block)
     if not any(len(b) for b in new):
         return blocks
-    cols = ", ".join(rows_copy.COLUMNS)
     try:
         with cur.connection.transaction():  # a savepoint
-            with cur.copy(f"COPY metrics_aggregates ({cols}) FROM STDIN (FORMAT BINARY)") as copy:
-                for chunk in rows_copy.render(new):
-                    copy.write(chunk)
+            _copy_blocks(cur, "metrics_aggregates", new)
     except psycopg.errors.UniqueViolation:
         log.info("a row of new buckets %s appeared meanwhile (a backfill?); upserting their rows instead",
                  sorted((g, _ts(h * HOUR).isoformat()) for g, hs in hours.items() for h in hs.tolist())[:5])
@@ -446,6 +440,13 @@ def _insert_fresh(cur: psycopg.Cursor, buckets: set[BucketId], blocks: list[RowB
 
 
 _NONE = np.empty(0, dtype=np.int64)
+
+
+def _copy_blocks(cur: psycopg.Cursor, table: str, blocks: Sequence[RowBlock]) -> None:
+    """Binary COPY of the blocks' rows into `table` (rows_copy.COLUMNS)."""
+    with cur.copy(f"COPY {table} ({', '.join(rows_copy.COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+        for chunk in rows_copy.render(blocks):
+            copy.write(chunk)
 
 
 def read_bucket_states(cur: psycopg.Cursor, stream: str, buckets: Sequence[BucketId],
