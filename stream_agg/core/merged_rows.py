@@ -20,7 +20,9 @@ import numpy as np
 
 from stream_agg.core.aggstate import VALUES_DIGEST_PREFIX, AggState, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
+from stream_agg.core.global_cap import CapCuts, cut_union, other_keys
 from stream_agg.core.partition_state import BucketId, Key, PartitionState, TableId
+from stream_agg.core.registry import OTHER
 from stream_agg.core.sample import SMALL_SAMPLE, combine, segment_quantiles, to_digest
 from stream_agg.core.state_table import (
     F64,
@@ -93,7 +95,7 @@ def merged_rows(pstates: Sequence[PartitionState], buckets: Collection[BucketId]
 
 def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketId],
                   changed: Sequence[Mapping[TableId, I64]] | None = None,
-                  also: Collection[Key] = ()) -> list[RowBlock]:
+                  also: Collection[Key] = (), cuts: CapCuts | None = None) -> list[RowBlock]:
     """Merged rows of `buckets` across `pstates`: every key held, or only the keys in `changed`
     and `also`.
 
@@ -102,8 +104,11 @@ def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketI
     from all. `also` names more keys (those a partition removed: still held by another,
     their row must lose that partition's part). `pstates` must be in partition order
     (digests merge in that order, so the same partials always give the same bytes).
-    Nothing in the live states is changed.
+    Capped dimensions are capped again over the union of the partitions (`global_cap`):
+    `cuts.known` has the cuts of the last committed merge, and `cuts.cuts` / `cuts.gone`
+    get the new cuts and the rows to delete. Nothing in the live states is changed.
     """
+    cuts = CapCuts() if cuts is None else cuts
     wanted: dict[str, list[int]] = {}
     for g, b in buckets:
         wanted.setdefault(g, []).append(b // HOUR)
@@ -130,7 +135,7 @@ def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketI
             more = (np.array([k[1] // HOUR for k in ks], dtype=np.int64) * LABEL_SPACE
                     + it.intern([k[4] for k in ks]))
         block = _table_block(pstates, tid, hours[tid[0]], glob, trans,
-                             None if changed is None else [c.get(tid) for c in changed], more)
+                             None if changed is None else [c.get(tid) for c in changed], more, cuts)
         if block is not None:
             blocks.append(block)
     return blocks
@@ -165,7 +170,7 @@ def _globalize(keys: I64, tr: I64) -> I64:
 
 def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, glob: dict[str, Interner],
                  trans: dict[tuple[int, str], I64], changed: list[I64 | None] | None,
-                 more: I64 | None) -> RowBlock | None:
+                 more: I64 | None, cuts: CapCuts) -> RowBlock | None:
     g, metric, dim = tid
     only: I64 | None = None
     if changed is not None:  # the changed keys of the wanted buckets, in the shared id space
@@ -177,18 +182,22 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
         if not parts:
             return None
         only = np.unique(np.concatenate(parts))
-    comps_all: list[I64] = []
-    slots_all: list[tuple[Any, I64]] = []
-    with_digest = False
+    held: list[tuple[Any, I64, I64]] = []  # (table, positions, keys in the shared id space) per partition
     for i, ps in enumerate(pstates):
         t = ps.tables.get(tid)
         if t is None or t.keys.size == 0:
             continue
-        with_digest = t.with_digest
         pos = _positions(t.keys, hours)
-        if pos.size == 0:
-            continue
-        gk = _globalize(t.keys[pos], _translation(i, ps, dim, glob, trans))
+        if pos.size:
+            held.append((t, pos, _globalize(t.keys[pos], _translation(i, ps, dim, glob, trans))))
+    cap = pstates[0].registry.cap(dim) if pstates else None
+    if cap is not None and held:
+        held, only = _cap_union(held, only, tid, glob[dim], cap, cuts)
+    comps_all: list[I64] = []
+    slots_all: list[tuple[Any, I64]] = []
+    with_digest = False
+    for t, pos, gk in held:
+        with_digest = t.with_digest
         if only is not None:
             hit = member_of_sorted(only, gk)
             pos, gk = pos[hit], gk[hit]
@@ -208,11 +217,17 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
     start = 0
     for t, slots in slots_all:  # partition by partition: inv[start:stop] are this one's rows
         stop = start + slots.size
-        r = inv[start:stop]  # distinct within one partition (its keys are distinct)
-        count[r] += t.count[slots]
-        total[r] += t.total[slots]
-        lo[r] = np.minimum(lo[r], t.lo[slots])
-        hi[r] = np.maximum(hi[r], t.hi[slots])
+        r = inv[start:stop]  # distinct within one partition, unless the cap merged some into __other__
+        if r.size > 1 and np.unique(r).size < r.size:
+            np.add.at(count, r, t.count[slots])
+            np.add.at(total, r, t.total[slots])
+            np.minimum.at(lo, r, t.lo[slots])
+            np.maximum.at(hi, r, t.hi[slots])
+        else:
+            count[r] += t.count[slots]
+            total[r] += t.total[slots]
+            lo[r] = np.minimum(lo[r], t.lo[slots])
+            hi[r] = np.maximum(hi[r], t.hi[slots])
         start = stop
     labels_all = glob[dim].labels
     block = RowBlock(g, metric, dim, uq >> LABEL_BITS, [labels_all[x] for x in (uq & LABEL_MASK).tolist()],
@@ -221,6 +236,39 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
         samples = [x for t, slots in slots_all for x in _samples_of(t, slots)]
         block.quantiles, block.digests = _merge_samples(samples, inv, n, count)
     return block
+
+
+def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId, interner: Interner, cap: int,
+               cuts: CapCuts) -> tuple[list[tuple[Any, I64, I64]], I64 | None]:
+    """Apply the cap over the union of the partitions' keys (`global_cap`): keys past the cut
+    are renamed to their bucket's __other__ (so their states merge into it), and the keys
+    to write become: the changed ones still kept, plus __other__ wherever a changed key
+    was pushed out or a row must go."""
+    g, metric, dim = tid
+    other = interner.one(OTHER)
+    union = np.unique(np.concatenate([gk for _, _, gk in held]))
+    decision = cut_union(union, interner.labels, interner.hashes(), other, cap,
+                         lambda hour: cuts.known.get((g, hour * HOUR, metric, dim)))
+    if decision.out.size == 0:
+        return held, only
+    for hour, cut in decision.cuts.items():
+        cuts.cuts[(g, hour * HOUR, metric, dim)] = cut
+    labels = interner.labels
+    cuts.gone.extend((g, h * HOUR, metric, dim, labels[v])
+                     for h, v in zip((decision.stale >> LABEL_BITS).tolist(),
+                                     (decision.stale & LABEL_MASK).tolist(), strict=True))
+    if only is not None:
+        pushed = member_of_sorted(decision.out, only)
+        touched = np.concatenate((only[pushed], decision.stale))
+        only = np.union1d(only[~pushed], other_keys(touched, other)) if touched.size else only[~pushed]
+    renamed = []
+    for t, pos, gk in held:
+        hit = member_of_sorted(decision.out, gk)
+        if hit.any():
+            gk = gk.copy()
+            gk[hit] = (gk[hit] >> LABEL_BITS) * LABEL_SPACE + other
+        renamed.append((t, pos, gk))
+    return renamed, only
 
 
 def _samples_of(t: Any, slots: I64) -> list[Any]:

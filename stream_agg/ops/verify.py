@@ -10,10 +10,11 @@ values s is the position p in [0, 1] where that interpolation yields x: i / (n -
 x = s[i] (an interval over ties), fractional between neighbours. The error of a stored
 q-quantile is the distance from q to that rank (0 when exact, 1 / (n - 1) one value off).
 
-Capped dimensions: the stream applies the cap per source partition, so when a bucket has
-more than K distinct values its merged rows may keep other (and more) values than the
-exact rule; such a scope is compared by its totals (count and sum over all its values,
-`__other__` included, min and max) instead of value by value, and the report says so.
+Capped dimensions are compared value by value too: the stream caps each bucket again over
+the union of its partitions when it merges rows (`core.global_cap`), so it keeps the values
+the exact rule keeps. (Rows written by a worker older than that may hold part of a value
+that belongs in `__other__`; they show up here as mismatches, and a replay or backfill of
+the range rewrites them.)
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 
 from stream_agg.core.buckets import to_datetime
-from stream_agg.core.registry import OTHER, Registry
+from stream_agg.core.registry import Registry
 from stream_agg.ops.backfill import ExactRow, chunk_transaction, chunks, coarsest, compute_chunk, iso, widen
 from stream_agg.store import backfill_sql as q
 from stream_agg.store.db import connect
@@ -75,7 +76,6 @@ class VerifyReport:
     buckets: int = 0
     rows: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
-    by_totals: list[tuple[str, str, str, str]] = field(default_factory=list)  # (gran, bucket, metric, dim)
 
     @property
     def ok(self) -> bool:
@@ -83,9 +83,7 @@ class VerifyReport:
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": self.ok, "start": iso(self.start), "end": iso(self.end), "buckets": self.buckets,
-                "rows": self.rows, "mismatches": [asdict(m) for m in self.mismatches],
-                "compared_by_totals": [dict(zip(("granularity", "bucket", "metric", "dimension"), s, strict=True))
-                                       for s in self.by_totals]}
+                "rows": self.rows, "mismatches": [asdict(m) for m in self.mismatches]}
 
 
 # ----------------------------------------------------------------------------- pure comparison
@@ -142,16 +140,9 @@ def compare_row(exp: ExactRow, got: StoredRow, digest: bool, tolerance: float) -
     return out
 
 
-def _totals(rows: Sequence[Any]) -> tuple[int, float, float | None, float | None]:
-    lows = [r.min for r in rows if r.min is not None]
-    highs = [r.max for r in rows if r.max is not None]
-    return (sum(r.count for r in rows), math.fsum(r.sum for r in rows), min(lows, default=None),
-            max(highs, default=None))
-
-
 def compare(expected: Sequence[ExactRow], stored: Sequence[StoredRow], registry: Registry,
-            tolerance: float = DEFAULT_RANK_TOLERANCE) -> tuple[list[Mismatch], list[Scope]]:
-    """All mismatches between exact and stored rows, plus the scopes compared by totals."""
+            tolerance: float = DEFAULT_RANK_TOLERANCE) -> list[Mismatch]:
+    """All mismatches between exact and stored rows."""
     digest_metrics = {m.name for m in registry.metrics if m.digest}
     exp_by: dict[Scope, dict[str, ExactRow]] = defaultdict(dict)
     got_by: dict[Scope, dict[str, StoredRow]] = defaultdict(dict)
@@ -160,7 +151,6 @@ def compare(expected: Sequence[ExactRow], stored: Sequence[StoredRow], registry:
     for g in stored:
         got_by[g.key[:4]][g.key[4]] = g  # type: ignore[index]
     mismatches: list[Mismatch] = []
-    by_totals: list[Scope] = []
 
     def add(scope: Scope, value: str, name: str, got: Any, want: Any, source: str | None) -> None:
         g, bucket, metric, dim = scope
@@ -168,15 +158,6 @@ def compare(expected: Sequence[ExactRow], stored: Sequence[StoredRow], registry:
 
     for scope in sorted(set(exp_by) | set(got_by)):
         exp, got = exp_by.get(scope, {}), got_by.get(scope, {})
-        overflow = registry.cap(scope[3]) is not None and OTHER in exp
-        if overflow and set(exp) != set(got) and got:
-            by_totals.append(scope)
-            want, have = _totals(list(exp.values())), _totals(list(got.values()))
-            sources = ",".join(sorted({r.source for r in got.values()}))
-            for name, a, b in zip(("count", "sum_value", "min_value", "max_value"), have, want, strict=True):
-                if not (_close(a, b) if name == "sum_value" else a == b):
-                    add(scope, "(all values)", name, a, b, sources)
-            continue
         for value in sorted(set(exp) | set(got)):
             if value not in got:
                 add(scope, value, "row", None, "missing", None)
@@ -185,7 +166,7 @@ def compare(expected: Sequence[ExactRow], stored: Sequence[StoredRow], registry:
             else:
                 for name, a, b in compare_row(exp[value], got[value], scope[2] in digest_metrics, tolerance):
                     add(scope, value, name, a, b, got[value].source)
-    return mismatches, by_totals
+    return mismatches
 
 
 # ----------------------------------------------------------------------------- shell
@@ -212,9 +193,7 @@ def run_verify(url: str, registry: Registry, granularities: Sequence[str], start
             with chunk_transaction(conn, read_only=True) as cur:
                 expected = compute_chunk(cur, registry, grans, a, b, with_values=True)
                 stored = load_stored(cur, registry, grans, a, b)
-            mismatches, by_totals = compare(expected, stored, registry, tolerance)
-            report.mismatches += mismatches
-            report.by_totals += [(g, iso(t), m, d) for g, t, m, d in by_totals]
+            report.mismatches += compare(expected, stored, registry, tolerance)
             report.buckets += len({r.key[:2] for r in expected} | {r.key[:2] for r in stored})
             report.rows += len({r.key for r in expected} | {r.key for r in stored})
     return report
@@ -223,10 +202,6 @@ def run_verify(url: str, registry: Registry, granularities: Sequence[str], start
 def format_report(report: VerifyReport, limit: int = 50) -> str:
     """A table of mismatches, or one line saying everything agrees."""
     lines = []
-    if report.by_totals:
-        lines.append(f"note: {len(report.by_totals)} capped scope(s) have more distinct values than the cap and "
-                     "were compared by totals (count, sum, min, max over all values incl. __other__): the stream "
-                     "caps per partition, so its kept values may differ from the exact rule")
     if report.ok:
         lines.append(f"all {report.buckets} buckets agree ({report.rows} rows, {iso(report.start)} .. "
                      f"{iso(report.end)})")

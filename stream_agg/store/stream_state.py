@@ -32,7 +32,7 @@ import queue
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,6 +43,7 @@ import psycopg
 
 from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, is_compressed
 from stream_agg.core.fold import BucketId, Key
+from stream_agg.core.global_cap import CapCuts, cap_states
 from stream_agg.core.merged_rows import RowBlock, blocks_from_states
 from stream_agg.core.state_table import HOUR, member_of_sorted
 from stream_agg.store import rows_copy
@@ -91,7 +92,9 @@ class FlushPayload:
     resident: list[tuple[str, int, int]] = field(default_factory=list)
     complete: set[BucketId] = field(default_factory=set)  # buckets resident in every partition
     blocks: list[RowBlock] = field(default_factory=list)  # rows of `complete` buckets, merged by the caller
-    gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets left without any partial
+    gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets to delete
+    caps: dict[str, int] = field(default_factory=dict)  # the registry's cardinality caps
+    cuts: CapCuts = field(default_factory=CapCuts)  # the caps' cuts, known before and found (global_cap)
     # set while the partitions' blobs are still being encoded (by the caller's thread)
     encoded: BlobFeed | None = None
 
@@ -259,7 +262,8 @@ class StreamStore:
                     traces, spans = self._archive(cur, payload)
                     lap("archive")
                     rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
-                                                     payload.resident, payload.blocks, payload.gone)
+                                                     payload.resident, payload.blocks, payload.gone,
+                                                     payload.caps, payload.cuts)
                     lap("rows")
                     compressing.result()
                     lap("compress")  # what is left of it once PostgreSQL is done
@@ -340,13 +344,20 @@ class StreamStore:
     def merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key],
                    memory: dict[Key, list[tuple[int, AggState]]] | None = None,
                    resident: list[tuple[str, int, int]] | None = None,
-                   blocks: Sequence[RowBlock] = (), gone: Sequence[Key] = ()) -> tuple[int, int]:
+                   blocks: Sequence[RowBlock] = (), gone: Sequence[Key] = (),
+                   caps: Mapping[str, int] | None = None, cuts: CapCuts | None = None) -> tuple[int, int]:
         """Recompute the metrics_aggregates rows of `keys` from every partition's partial, and
         write them with the rows the caller merged already (`blocks`; `gone`: rows to delete).
 
         Partials of (bucket, partition) pairs listed in `resident` come from `memory`; all
-        others are read from stream_partials under the bucket locks.
+        others are read from stream_partials under the bucket locks. A scope of a capped
+        dimension (`caps`) with a key in `keys` is capped again over the union of every
+        partition's values (`global_cap.cap_states`); `memory` must then hold all of its
+        states, and `cuts` has the cuts known and gets the new ones.
         """
+        caps = caps or {}
+        cuts = CapCuts() if cuts is None else cuts
+        capped = {k[:4] for k in keys if k[3] in caps}
         buckets = {(k[0], k[1]) for k in keys} | {(k[0], k[1]) for k in gone}
         for block in blocks:
             buckets.update((block.granularity, h * HOUR) for h in np.unique(block.hours).tolist())
@@ -357,23 +368,25 @@ class StreamStore:
         held = {(g, b, p) for g, b, p in (resident or [])}
         found: dict[Key, list[tuple[int, AggState]]] = defaultdict(list)
         for key, mine in (memory or {}).items():
-            if mine and key in keys:
+            if mine and (key in keys or key[:4] in capped):
                 found[key].extend(mine)
         wanted = sorted({(k[0], k[1]) for k in keys})
         if wanted:
             wanted_set = set(wanted)
             skip = [r for r in held if (r[0], r[1]) in wanted_set]
             for (key, partition), state in read_bucket_states(cur, stream, wanted, skip=skip).items():
-                if key in keys and (key[0], key[1], partition) not in held:
+                if (key in keys or key[:4] in capped) and (key[0], key[1], partition) not in held:
                     found[key].append((partition, state))
         # merged in partition order, so the same partials always give the same bytes
-        merged = blocks_from_states(
-            (k, _merge([s for _, s in sorted(v, key=lambda ps: ps[0])])) for k, v in found.items())
+        states = {k: _merge([s for _, s in sorted(v, key=lambda ps: ps[0])]) for k, v in found.items()}
+        merged = blocks_from_states(cap_states(states, keys, caps, cuts, _merge).items())
         everything = [*blocks, *merged]
         rows = sum(len(b) for b in everything)
-        gone = sorted({*gone, *(k for k in keys if k not in found)})
+        gone = sorted({*gone, *cuts.gone, *(k for k in keys if k not in found)})
+        fresh = _fresh_buckets(cur, buckets) if rows or gone else set()
+        gone = [k for k in gone if (k[0], k[1]) not in fresh]  # a bucket without rows has none to delete
         if rows:
-            everything = _insert_fresh(cur, buckets, everything)
+            everything = _insert_fresh(cur, fresh, everything)
         if any(len(b) for b in everything):
             # just the copied columns: no id / updated_at defaults evaluated per staged row
             cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS tmp_rows ON COMMIT DELETE ROWS AS SELECT "
@@ -393,8 +406,18 @@ class StreamStore:
         return rows, deleted
 
 
-def _insert_fresh(cur: psycopg.Cursor, buckets: set[BucketId], blocks: list[RowBlock]) -> list[RowBlock]:
-    """COPY the rows of buckets that have no row in metrics_aggregates yet straight into
+def _fresh_buckets(cur: psycopg.Cursor, buckets: set[BucketId]) -> set[BucketId]:
+    """Those of `buckets` without any row in metrics_aggregates."""
+    ids = sorted(buckets)
+    cur.execute(
+        "SELECT w.g, w.t FROM unnest(%s::text[], %s::timestamptz[]) AS w(g, t) WHERE NOT EXISTS "
+        "(SELECT 1 FROM metrics_aggregates a WHERE a.bucket_time = w.t AND a.granularity = w.g)",
+        ([g for g, _ in ids], [_ts(b) for _, b in ids]))
+    return {(g, int(t.timestamp())) for g, t in cur.fetchall()}
+
+
+def _insert_fresh(cur: psycopg.Cursor, fresh: set[BucketId], blocks: list[RowBlock]) -> list[RowBlock]:
+    """COPY the rows of the `fresh` buckets (no row in metrics_aggregates yet) straight into
     the table, and return the other rows (for the staged upsert).
 
     Why: catching up a backlog, most rows are of buckets never written before, and a plain
@@ -405,17 +428,12 @@ def _insert_fresh(cur: psycopg.Cursor, buckets: set[BucketId], blocks: list[RowB
     between, the COPY (in a savepoint) fails on the unique key and every row goes through
     the upsert instead, which keeps the backfill's row.
     """
-    ids = sorted(buckets)
-    cur.execute(
-        "SELECT w.g, w.t FROM unnest(%s::text[], %s::timestamptz[]) AS w(g, t) WHERE NOT EXISTS "
-        "(SELECT 1 FROM metrics_aggregates a WHERE a.bucket_time = w.t AND a.granularity = w.g)",
-        ([g for g, _ in ids], [_ts(b) for _, b in ids]))
-    fresh: dict[str, list[int]] = defaultdict(list)
-    for g, t in cur.fetchall():
-        fresh[g].append(int(t.timestamp()) // HOUR)
     if not fresh:
         return blocks
-    hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in fresh.items()}
+    by: dict[str, list[int]] = defaultdict(list)
+    for g, b in fresh:
+        by[g].append(b // HOUR)
+    hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in by.items()}
     new: list[RowBlock] = []
     rest: list[RowBlock] = []
     for block in blocks:

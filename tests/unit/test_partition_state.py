@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import make_events
+from helpers import make_events, rank_error, reference_values
 
 from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, digest_from_bytes
+from stream_agg.core.cardinality import capped_values
 from stream_agg.core.fold import PartitionState, fold_events
+from stream_agg.core.global_cap import CapCuts
 from stream_agg.core.merged_rows import merged_blocks, merged_rows
-from stream_agg.core.registry import default_registry
+from stream_agg.core.registry import OTHER, default_registry
 from stream_agg.core.sample import SMALL_SAMPLE
 from stream_agg.core.state_table import Interner, StateTable, composite
 
@@ -42,11 +44,28 @@ def test_bucket_blob_decodes_to_the_held_states() -> None:
                     assert t.quantile(q) == pytest.approx(s.quantile(q), rel=1e-12)
 
 
-def _expected_row(parts: list[PartitionState], key: tuple) -> tuple:
-    """The row of `key` merged the slow way: AggStates of every partition, merged per key."""
-    states = [s for s in (p.get(key) for p in parts) if s is not None]
+def _expected_row(parts: list[PartitionState], key: tuple, also: tuple[tuple, ...] = ()) -> tuple:
+    """The row of `key` merged the slow way: AggStates of every partition, merged per key
+    (with the states of the keys `also`, pushed into `key` by the cap)."""
+    states = [s for k in (key, *also) for s in (p.get(k) for p in parts) if s is not None]
     m = AggState.merge_many(states, key[2].endswith("duration_ms"))
     return (m.count, m.sum, m.min, m.max, m.avg, *(m.quantile(q) for q in (0.5, 0.95, 0.99)))
+
+
+def _pushed_out(parts: list[PartitionState], reg) -> dict[tuple, tuple[tuple, ...]]:
+    """Per __other__ key, the keys the cap over every partition's values (the reference rule,
+    `capped_values`) pushes into it."""
+    scopes: dict[tuple, set[str]] = {}
+    for key in set().union(*(p.states for p in parts)):
+        scopes.setdefault(key[:4], set()).add(key[4])
+    out = {}
+    for scope, values in scopes.items():
+        cap = reg.cap(scope[3])
+        named = sorted(values - {OTHER})
+        if cap is not None and len(named) > cap:
+            kept = capped_values(named, cap)
+            out[(*scope, OTHER)] = tuple((*scope, v) for v in named if v not in kept)
+    return out
 
 
 def _assert_row(got: tuple, want: tuple, key: tuple) -> None:
@@ -59,16 +78,31 @@ def _assert_row(got: tuple, want: tuple, key: tuple) -> None:
         assert digest_from_bytes(got[13]).quantile(0.95) == pytest.approx(got[11], rel=1e-9)
 
 
-def test_merged_rows_equal_per_key_merges() -> None:
+def test_merged_rows_equal_per_key_merges_capped_over_all_partitions() -> None:
     reg = default_registry({"user": 15})
     events = make_events(4000, seed=12, hours=30, users=80)
     parts = _partitions(events, reg)
     buckets = sorted(set().union(*(p.buckets for p in parts)))
     rows = merged_rows(parts, buckets)
-    keys = set().union(*(p.states for p in parts))
-    assert set(rows) == keys
-    for key in keys:
-        _assert_row(rows[key], _expected_row(parts, key), key)
+    pushed = _pushed_out(parts, reg)
+    gone = {k for ks in pushed.values() for k in ks}
+    # some partition kept a value the cap over the union pushes out: the case this is about
+    assert any(p.get(k) is not None for k in gone for p in parts)
+    assert set(rows) == set().union(*(p.states for p in parts)) - gone | set(pushed)
+    for key, row in rows.items():
+        if key not in pushed:
+            _assert_row(row, _expected_row(parts, key), key)
+    # the rows hold exactly the values and events the reference (caps over all events) gives;
+    # percentiles (digests merged in another order for __other__) as the worker's tests check them
+    ref = reference_values(events, reg)
+    assert set(rows) == set(ref)
+    for key, values in ref.items():
+        x = np.asarray(values)
+        assert rows[key][5] == x.size and rows[key][7:9] == (x.min(), x.max()), key
+        assert rows[key][6] == pytest.approx(x.sum(), rel=1e-12), key
+        if key[2].endswith("duration_ms"):
+            for q, est in zip((0.5, 0.95, 0.99), rows[key][10:13], strict=True):
+                assert rank_error(x, est, q) <= (1e-9 if x.size <= SMALL_SAMPLE else 0.001), (key, q)
 
 
 def test_merged_blocks_of_changed_keys_hold_exactly_those_keys() -> None:
@@ -86,13 +120,21 @@ def test_merged_blocks_of_changed_keys_hold_exactly_those_keys() -> None:
     buckets = {(k[0], k[1]) for k in changed}
     some = sorted(buckets)[::2]  # and only some of the buckets
     removed = set().union(*(c.removed for c in changes))
-    blocks = merged_blocks(parts, some, [c.tables for c in changes], also=removed)
+    cuts = CapCuts()
+    blocks = merged_blocks(parts, some, [c.tables for c in changes], also=removed, cuts=cuts)
     got = {k: row for b in blocks for k, row in b.rows()}
     held = {k for k in changed if any(p.get(k) is not None for p in parts)}
     assert changed - held <= removed and removed  # pushed into __other__ everywhere: no row
-    assert set(got) == {k for k in held if (k[0], k[1]) in set(some)} and got
-    for key, row in got.items():
-        _assert_row(row, _expected_row(parts, key), key)
+    full = merged_rows(parts, some)  # every row of those buckets, capped over all partitions
+    pushed = {k for ks in _pushed_out(parts, reg).values() for k in ks if (k[0], k[1]) in set(some)}
+    wanted = {k for k in held if (k[0], k[1]) in set(some)}
+    assert wanted & pushed and wanted - pushed  # changed keys on both sides of the cut
+    assert wanted - pushed <= set(got) <= set(full)
+    assert {(*k[:4], "__other__") for k in wanted & pushed} <= set(got)  # they moved into __other__
+    for key, row in got.items():  # the same rows, to the digest byte, as merging everything
+        assert row == full[key], key
+    # no cut known yet: every changed key pushed out may have a row, which goes
+    assert wanted & pushed <= set(cuts.gone) <= pushed and not set(cuts.gone) & set(got)
 
 
 def test_changes_are_taken_once_and_restored_after_a_failed_flush() -> None:
