@@ -11,26 +11,25 @@ the others' states into `__other__`. The K smallest of the union are the K small
 every value seen (each of those is in the union), which is the rule the SQL backfill
 applies (`cardinality.capped_values`), so stream rows and backfilled rows agree.
 
-Deleting the rows of values pushed out: such a row exists only if an earlier merge kept
-the value, i.e. the value ranked at or below that merge's cut (the last kept (hash,
-value)). The cut of a scope only ever moves down: the union gains values, and loses only
-values a partition pushed out, which are past the cut already. So a merge deletes the
-pushed-out values at or below the previous cut it knows (every pushed-out value when it
-knows none, after a restart or for another worker's scope), not every pushed-out value at
-every flush. The caller must record the new cuts only once the flush has committed.
+A merge of a scope holding at least K values reports the scope's cut (the last kept
+(hash, value)), and one over its cap always rewrites its `__other__` row: a new value
+below the cut pushes an unchanged value out. The writer deletes the scope's stream rows
+past the cut in SQL, under the bucket lock, whoever wrote them (an earlier flush, another
+worker, a replay that saw fewer values, a worker older than this module); that costs one
+md5 per row of the scope, and nothing for a bucket without rows yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from stream_agg.core.aggstate import AggState
 from stream_agg.core.cardinality import cap_hash
 from stream_agg.core.registry import OTHER
-from stream_agg.core.state_table import I64, LABEL_BITS, LABEL_MASK, LABEL_SPACE
+from stream_agg.core.state_table import I64, LABEL_BITS, LABEL_MASK
 
 Cut = tuple[int, str]  # (cap hash, value) of the last value kept
 Scope = tuple[str, int, str, str]  # (granularity, bucket start, metric, dimension)
@@ -38,47 +37,28 @@ Key = tuple[str, int, str, str, str]
 
 
 @dataclass
-class CapCuts:
-    """What merges of capped scopes need to remember: in, the cuts of the last committed
-    merge (`known`); out, the cuts this merge found and the rows it pushed out (`gone`)."""
-
-    known: Mapping[Scope, Cut] = field(default_factory=dict)
-    cuts: dict[Scope, Cut] = field(default_factory=dict)
-    gone: list[Key] = field(default_factory=list)
-
-
-def at_or_below(cut: Cut | None) -> Callable[[int, str], bool]:
-    """Whether a (hash, value) may have a row, given the previous cut (None: unknown)."""
-    if cut is None:
-        return lambda h, v: True
-    return lambda h, v: (h, v) <= cut
-
-
-@dataclass
 class UnionCut:
     """One table's merge decision (composite keys: bucket hour * 2**32 + value id)."""
 
-    out: I64  # keys past the cut, sorted: their states go to the bucket's __other__
-    stale: I64  # those of `out` whose row may exist (to delete)
-    cuts: dict[int, Cut]  # bucket hour -> new cut, for buckets with values past it
+    out: I64  # keys past the cut of their bucket, sorted: their states go to its __other__
+    cuts: dict[int, Cut]  # bucket hour -> cut, for the buckets holding at least `cap` values
 
 
 _EMPTY = np.empty(0, dtype=np.int64)
 
 
-def cut_union(keys: I64, labels: list[str], hashes: I64, other: int, cap: int,
-              known: Callable[[int], Cut | None]) -> UnionCut:
+def cut_union(keys: I64, labels: list[str], hashes: I64, other: int, cap: int) -> UnionCut:
     """The cap over `keys` (sorted, distinct composite keys of one table, every partition's),
-    per bucket. `labels` / `hashes` are indexed by value id; `known(hour)` is the previous cut."""
+    per bucket. `labels` / `hashes` are indexed by value id."""
     ids = keys & LABEL_MASK
     keys = keys[ids != other]
-    if keys.size <= cap:
-        return UnionCut(_EMPTY, _EMPTY, {})
+    if keys.size < cap:
+        return UnionCut(_EMPTY, {})
     hours = keys >> LABEL_BITS
     starts = np.flatnonzero(np.r_[True, hours[1:] != hours[:-1]])
     sizes = np.diff(np.r_[starts, keys.size])
-    if not bool((sizes > cap).any()):
-        return UnionCut(_EMPTY, _EMPTY, {})
+    if not bool((sizes >= cap).any()):
+        return UnionCut(_EMPTY, {})
     ids = keys & LABEL_MASK
     h = hashes[ids]
     order = np.lexsort((h, hours))  # keys are grouped by hour already; within, by hash
@@ -87,59 +67,40 @@ def cut_union(keys: I64, labels: list[str], hashes: I64, other: int, cap: int,
         order = np.asarray(sorted(order.tolist(), key=lambda i: (int(hours[i]), int(h[i]), labels[int(ids[i])])),
                            dtype=np.int64)
     rank = np.arange(keys.size) - np.repeat(starts, sizes)
-    past = order[rank >= cap]  # positions (in `keys`) past the cut of their bucket
     cuts: dict[int, Cut] = {}
-    at_cut = order[rank == cap - 1]  # one per bucket holding at least `cap` values
-    for j in at_cut[sizes[sizes >= cap] > cap].tolist():
+    for j in order[rank == cap - 1].tolist():  # one per bucket holding at least `cap` values
         cuts[int(hours[j])] = (int(h[j]), labels[int(ids[j])])
-    tests: dict[int, Callable[[int, str], bool]] = {}
-    stale = []
-    for j in past.tolist():
-        hour = int(hours[j])
-        may_exist = tests.get(hour)
-        if may_exist is None:
-            may_exist = tests[hour] = at_or_below(known(hour))
-        if may_exist(int(h[j]), labels[int(ids[j])]):
-            stale.append(j)
-    out = np.sort(keys[past])
-    return UnionCut(out, np.sort(keys[np.asarray(stale, dtype=np.int64)]), cuts)
+    return UnionCut(np.sort(keys[order[rank >= cap]]), cuts)
 
 
-def other_keys(keys: I64, other: int) -> I64:
-    """The `__other__` key of each key's bucket (distinct, sorted)."""
-    return np.unique(keys >> LABEL_BITS) * LABEL_SPACE + other
+def cap_states(parts: Mapping[Key, Sequence[AggState]], wanted: set[Key], caps: Mapping[str, int],
+               cuts: dict[Scope, Cut], merge: Callable[[list[AggState]], AggState]) -> dict[Key, AggState]:
+    """The rows to write: per key, the merge of its partitions' states, after the cap over
+    the union.
 
-
-def cap_states(states: Mapping[Key, AggState], wanted: set[Key], caps: Mapping[str, int],
-               record: CapCuts, merge: Callable[[list[AggState]], AggState]) -> dict[Key, AggState]:
-    """The rows to write, per key: the `wanted` keys' merged states after the cap over the union.
-
-    `states` holds the merged (all partitions) state of every wanted key and of every key
-    of each capped scope that has a wanted key. A wanted key pushed out writes no row (and
-    is recorded in `record.gone` if its row may exist); its scope's `__other__` row is
-    rewritten as the merge of `__other__` and every pushed-out value. Keys of scopes not
-    capped, or not over their cap, pass through.
+    `parts` holds every partition's state (in partition order) of each wanted key and of
+    every key of each capped scope that has a wanted key (more is ignored). A wanted key
+    past the cut writes no row. A scope holding at least K values gets its cut in `cuts`
+    (rows past it are strays: written from fewer values, by a replay or an older worker);
+    one over its cap also gets its `__other__` row rewritten, as the merge of `__other__`
+    and every value past the cut (in (hash, value) order, so the same partials give the
+    same digest). Only what is written is merged.
     """
-    scopes: dict[Scope, list[Key]] = {}
-    for key in states:
-        if key[3] in caps:
-            scopes.setdefault(key[:4], []).append(key)
-    rows = {k: s for k, s in states.items() if k in wanted and k[:4] not in scopes}
-    for scope, keys in scopes.items():
+    touched = {k[:4] for k in wanted if k[3] in caps}
+    scopes: dict[Scope, list[str]] = {}
+    for key in parts:
+        if key[:4] in touched:
+            scopes.setdefault(key[:4], []).append(key[4])
+    rows = {k: merge(list(s)) for k, s in parts.items() if k in wanted and k[:4] not in scopes}
+    for scope, values in scopes.items():
         cap = caps[scope[3]]
-        ranked = sorted((cap_hash(k[4]), k[4]) for k in keys if k[4] != OTHER)
+        ranked = sorted((cap_hash(v), v) for v in values if v != OTHER)
+        if len(ranked) >= cap:
+            cuts[scope] = ranked[cap - 1]
         if len(ranked) <= cap:
-            rows.update((k, states[k]) for k in keys if k in wanted)
+            rows.update(((*scope, v), merge(list(parts[(*scope, v)]))) for v in values if (*scope, v) in wanted)
             continue
-        record.cuts[scope] = ranked[cap - 1]
-        may_exist = at_or_below(record.known.get(scope))
-        out = [(*scope, v) for h, v in ranked[cap:]]
-        stale = [(*scope, v) for h, v in ranked[cap:] if may_exist(h, v)]
-        record.gone.extend(stale)
-        kept = {(*scope, v) for _, v in ranked[:cap]}
-        rows.update((k, states[k]) for k in keys if k in wanted and k in kept)
+        rows.update(((*scope, v), merge(list(parts[(*scope, v)]))) for _, v in ranked[:cap] if (*scope, v) in wanted)
         other = (*scope, OTHER)
-        if stale or other in wanted or any(k in wanted for k in out):
-            parts = ([states[other]] if other in states else []) + [states[k] for k in out]
-            rows[other] = merge(parts)
+        rows[other] = merge([*parts.get(other, ()), *(s for _, v in ranked[cap:] for s in parts[(*scope, v)])])
     return rows

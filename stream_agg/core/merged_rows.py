@@ -20,7 +20,7 @@ import numpy as np
 
 from stream_agg.core.aggstate import VALUES_DIGEST_PREFIX, AggState, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
-from stream_agg.core.global_cap import CapCuts, cut_union, other_keys
+from stream_agg.core.global_cap import Cut, Scope, cut_union
 from stream_agg.core.partition_state import BucketId, Key, PartitionState, TableId
 from stream_agg.core.registry import OTHER
 from stream_agg.core.sample import SMALL_SAMPLE, combine, segment_quantiles, to_digest
@@ -95,7 +95,7 @@ def merged_rows(pstates: Sequence[PartitionState], buckets: Collection[BucketId]
 
 def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketId],
                   changed: Sequence[Mapping[TableId, I64]] | None = None,
-                  also: Collection[Key] = (), cuts: CapCuts | None = None) -> list[RowBlock]:
+                  also: Collection[Key] = (), cuts: dict[Scope, Cut] | None = None) -> list[RowBlock]:
     """Merged rows of `buckets` across `pstates`: every key held, or only the keys in `changed`
     and `also`.
 
@@ -104,11 +104,11 @@ def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketI
     from all. `also` names more keys (those a partition removed: still held by another,
     their row must lose that partition's part). `pstates` must be in partition order
     (digests merge in that order, so the same partials always give the same bytes).
-    Capped dimensions are capped again over the union of the partitions (`global_cap`):
-    `cuts.known` has the cuts of the last committed merge, and `cuts.cuts` / `cuts.gone`
-    get the new cuts and the rows to delete. Nothing in the live states is changed.
+    Capped dimensions are capped again over the union of the partitions (`global_cap`);
+    `cuts` gets the cut of each scope written over its cap (the writer deletes the rows past
+    it). Nothing in the live states is changed.
     """
-    cuts = CapCuts() if cuts is None else cuts
+    cuts = {} if cuts is None else cuts
     wanted: dict[str, list[int]] = {}
     for g, b in buckets:
         wanted.setdefault(g, []).append(b // HOUR)
@@ -169,8 +169,8 @@ def _globalize(keys: I64, tr: I64) -> I64:
 
 
 def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, glob: dict[str, Interner],
-                 trans: dict[tuple[int, str], I64], changed: list[I64 | None] | None,
-                 more: I64 | None, cuts: CapCuts) -> RowBlock | None:
+                   trans: dict[tuple[int, str], I64], changed: list[I64 | None] | None,
+                 more: I64 | None, cuts: dict[Scope, Cut]) -> RowBlock | None:
     g, metric, dim = tid
     only: I64 | None = None
     if changed is not None:  # the changed keys of the wanted buckets, in the shared id space
@@ -239,34 +239,39 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
 
 
 def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId, interner: Interner, cap: int,
-               cuts: CapCuts) -> tuple[list[tuple[Any, I64, I64]], I64 | None]:
+               cuts: dict[Scope, Cut]) -> tuple[list[tuple[Any, I64, I64]], I64 | None]:
     """Apply the cap over the union of the partitions' keys (`global_cap`): keys past the cut
-    are renamed to their bucket's __other__ (so their states merge into it), and the keys
-    to write become: the changed ones still kept, plus __other__ wherever a changed key
-    was pushed out or a row must go."""
+    are renamed to their bucket's __other__ (so their states merge into it). Of the buckets
+    with keys to write, those holding at least `cap` values get their cut recorded, and
+    those over the cap get __other__ written."""
     g, metric, dim = tid
     other = interner.one(OTHER)
+    hashes = interner.hashes()
     union = np.unique(np.concatenate([gk for _, _, gk in held]))
-    decision = cut_union(union, interner.labels, interner.hashes(), other, cap,
-                         lambda hour: cuts.known.get((g, hour * HOUR, metric, dim)))
+    decision = cut_union(union, interner.labels, hashes, other, cap)
+    if not decision.cuts:
+        return held, only
+    touched = np.fromiter(decision.cuts, dtype=np.int64, count=len(decision.cuts))
+    if only is not None:
+        touched = np.intersect1d(touched, only >> LABEL_BITS)
+    for hour in touched.tolist():
+        cuts[(g, hour * HOUR, metric, dim)] = decision.cuts[hour]
     if decision.out.size == 0:
         return held, only
-    for hour, cut in decision.cuts.items():
-        cuts.cuts[(g, hour * HOUR, metric, dim)] = cut
-    labels = interner.labels
-    cuts.gone.extend((g, h * HOUR, metric, dim, labels[v])
-                     for h, v in zip((decision.stale >> LABEL_BITS).tolist(),
-                                     (decision.stale & LABEL_MASK).tolist(), strict=True))
     if only is not None:
-        pushed = member_of_sorted(decision.out, only)
-        touched = np.concatenate((only[pushed], decision.stale))
-        only = np.union1d(only[~pushed], other_keys(touched, other)) if touched.size else only[~pushed]
+        over = np.intersect1d(touched, decision.out >> LABEL_BITS)
+        only = np.union1d(only[~member_of_sorted(decision.out, only)], over * LABEL_SPACE + other)
     renamed = []
     for t, pos, gk in held:
         hit = member_of_sorted(decision.out, gk)
         if hit.any():
+            named = gk
             gk = gk.copy()
             gk[hit] = (gk[hit] >> LABEL_BITS) * LABEL_SPACE + other
+            # each row's parts by hash, not by this partition's value ids (which a restart
+            # renumbers): the same partials merge into the same __other__ digest
+            order = np.lexsort((hashes[named & LABEL_MASK], gk))
+            pos, gk = pos[order], gk[order]
         renamed.append((t, pos, gk))
     return renamed, only
 

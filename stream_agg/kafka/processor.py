@@ -26,7 +26,6 @@ import numpy as np
 from stream_agg.config import Config
 from stream_agg.core.buckets import GRANULARITIES, SPAN
 from stream_agg.core.fold import BucketId, Columns, PartitionState, fold
-from stream_agg.core.global_cap import CapCuts, Cut, Scope
 from stream_agg.core.merged_rows import merged_blocks
 from stream_agg.core.partition_state import Changes
 from stream_agg.core.registry import Registry
@@ -150,9 +149,6 @@ class Processor:
         self.archive_bytes = 0  # size of the COPY text in self.traces / self.spans
         self.poisoned = False
         self.topic_partitions: int | None = None  # set by the shell from topic metadata
-        # The cut of each capped scope as of the last committed flush (`global_cap`): lets a
-        # flush delete only the rows its cap newly pushed out. Missing = unknown (safe).
-        self.cap_cuts: dict[Scope, Cut] = {}
 
     # ----------------------------------------------------------------- assignment
 
@@ -364,8 +360,7 @@ class Processor:
             ctx.dirty = False
         payload = None
         if parts or self.traces:
-            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, caps=dict(self.registry.caps),
-                                   cuts=CapCuts(known=dict(self.cap_cuts)))
+            payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, caps=dict(self.registry.caps))
             self._rows_from_memory(payload, changes)
         snap = Snapshot(payload, closing, changes, self.unacked, self.pending_events, now,
                         time.perf_counter() - began, unencoded)
@@ -411,10 +406,6 @@ class Processor:
                 if b not in busy:  # final values durable (else folded into since: next time)
                     ctx.cached.setdefault(b, snap.taken_at)
         self._trim_cache(snap.taken_at)
-        if snap.payload is not None:  # kept for the buckets still held (forgetting one is safe)
-            resident = set().union(*(ctx.pstate.resident for ctx in self.contexts.values()))
-            self.cap_cuts = {s: c for s, c in {**self.cap_cuts, **snap.payload.cuts.cuts}.items()
-                             if (s[0], s[1]) in resident}
         self._update_gauges(snap.taken_at)
         return snap.refs
 
@@ -503,10 +494,10 @@ class Processor:
             removed = {k for ch in changes.values() for k in ch.removed}
             payload.blocks = merged_blocks(pstates, complete, [changes[p].tables if p in changes else {}
                                                                for p, _ in ctxs], also=removed, cuts=payload.cuts)
-            # pushed into __other__ everywhere (no partial is left), or by the cap over all
-            # partitions: the row goes
-            payload.gone = sorted({*payload.cuts.gone, *(k for k in removed if (k[0], k[1]) in complete
-                                                          and all(ps.get(k) is None for ps in pstates))})
+            # pushed into __other__ everywhere: no partial is left, so the row goes (rows past
+            # the cap over all partitions go by `payload.cuts`)
+            payload.gone = sorted(k for k in removed if (k[0], k[1]) in complete
+                                  and all(ps.get(k) is None for ps in pstates))
         payload.complete = complete
         for part in payload.partitions:
             ch = changes.get(part.partition)
@@ -515,6 +506,7 @@ class Processor:
         changed = payload.changed_keys
         wanted = {(k[0], k[1]) for k in changed}
         # a capped scope is capped again over every partition's values: all of its states go
+        # (only with several workers; the other partitions' come from PostgreSQL)
         capped = {k[:4] for k in changed if k[3] in payload.caps}
         payload.resident = [(g, b, p) for p, ctx in ctxs for g, b in sorted(wanted) if (g, b) in ctx.pstate.resident]
         for g, b in sorted(wanted):

@@ -42,9 +42,11 @@ import numpy as np
 import psycopg
 
 from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, is_compressed
+from stream_agg.core.cardinality import CAP_HASH_SQL
 from stream_agg.core.fold import BucketId, Key
-from stream_agg.core.global_cap import CapCuts, cap_states
+from stream_agg.core.global_cap import Cut, Scope, cap_states
 from stream_agg.core.merged_rows import RowBlock, blocks_from_states
+from stream_agg.core.registry import OTHER
 from stream_agg.core.state_table import HOUR, member_of_sorted
 from stream_agg.store import rows_copy
 from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
@@ -94,7 +96,7 @@ class FlushPayload:
     blocks: list[RowBlock] = field(default_factory=list)  # rows of `complete` buckets, merged by the caller
     gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets to delete
     caps: dict[str, int] = field(default_factory=dict)  # the registry's cardinality caps
-    cuts: CapCuts = field(default_factory=CapCuts)  # the caps' cuts, known before and found (global_cap)
+    cuts: dict[Scope, Cut] = field(default_factory=dict)  # cut of each scope merged over its cap (global_cap)
     # set while the partitions' blobs are still being encoded (by the caller's thread)
     encoded: BlobFeed | None = None
 
@@ -345,18 +347,19 @@ class StreamStore:
                    memory: dict[Key, list[tuple[int, AggState]]] | None = None,
                    resident: list[tuple[str, int, int]] | None = None,
                    blocks: Sequence[RowBlock] = (), gone: Sequence[Key] = (),
-                   caps: Mapping[str, int] | None = None, cuts: CapCuts | None = None) -> tuple[int, int]:
+                   caps: Mapping[str, int] | None = None, cuts: dict[Scope, Cut] | None = None) -> tuple[int, int]:
         """Recompute the metrics_aggregates rows of `keys` from every partition's partial, and
         write them with the rows the caller merged already (`blocks`; `gone`: rows to delete).
 
         Partials of (bucket, partition) pairs listed in `resident` come from `memory`; all
         others are read from stream_partials under the bucket locks. A scope of a capped
         dimension (`caps`) with a key in `keys` is capped again over the union of every
-        partition's values (`global_cap.cap_states`); `memory` must then hold all of its
-        states, and `cuts` has the cuts known and gets the new ones.
+        partition's values (`global_cap.cap_states`; `memory` must then hold all of its
+        states). Then the stream rows past the cut of each scope in `cuts` (the caller's
+        and these) are deleted, whoever wrote them.
         """
         caps = caps or {}
-        cuts = CapCuts() if cuts is None else cuts
+        cuts = {} if cuts is None else dict(cuts)
         capped = {k[:4] for k in keys if k[3] in caps}
         buckets = {(k[0], k[1]) for k in keys} | {(k[0], k[1]) for k in gone}
         for block in blocks:
@@ -378,13 +381,15 @@ class StreamStore:
                 if (key in keys or key[:4] in capped) and (key[0], key[1], partition) not in held:
                     found[key].append((partition, state))
         # merged in partition order, so the same partials always give the same bytes
-        states = {k: _merge([s for _, s in sorted(v, key=lambda ps: ps[0])]) for k, v in found.items()}
-        merged = blocks_from_states(cap_states(states, keys, caps, cuts, _merge).items())
+        parts = {k: [s for _, s in sorted(v, key=lambda ps: ps[0])] for k, v in found.items()}
+        merged = blocks_from_states(cap_states(parts, keys, caps, cuts, _merge).items())
         everything = [*blocks, *merged]
         rows = sum(len(b) for b in everything)
-        gone = sorted({*gone, *cuts.gone, *(k for k in keys if k not in found)})
-        fresh = _fresh_buckets(cur, buckets) if rows or gone else set()
-        gone = [k for k in gone if (k[0], k[1]) not in fresh]  # a bucket without rows has none to delete
+        gone = sorted({*gone, *(k for k in keys if k not in found)})
+        fresh = _fresh_buckets(cur, buckets) if rows or gone or cuts else set()
+        # a bucket without rows has none to delete
+        gone = [k for k in gone if (k[0], k[1]) not in fresh]
+        past = sorted((scope, cut) for scope, cut in cuts.items() if (scope[0], scope[1]) not in fresh)
         if rows:
             everything = _insert_fresh(cur, fresh, everything)
         if any(len(b) for b in everything):
@@ -393,7 +398,7 @@ class StreamStore:
                         f"{', '.join(rows_copy.COLUMNS)} FROM metrics_aggregates WITH NO DATA")
             _copy_blocks(cur, "tmp_rows", everything)
             cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
-        deleted = 0
+        deleted = _delete_past_cuts(cur, past) if past else 0
         if gone:
             cur.execute(
                 "DELETE FROM metrics_aggregates a USING unnest(%s::text[], %s::timestamptz[], %s::text[], "
@@ -402,8 +407,27 @@ class StreamStore:
                 "AND a.source = 'stream'",
                 ([k[0] for k in gone], [_ts(k[1]) for k in gone], [k[2] for k in gone], [k[3] for k in gone],
                  [k[4] for k in gone]))
-            deleted = len(gone)
+            deleted += cur.rowcount
         return rows, deleted
+
+
+def _delete_past_cuts(cur: psycopg.Cursor, past: Sequence[tuple[Scope, Cut]]) -> int:
+    """Delete the stream rows of each scope whose (hash, value) is past the scope's cut.
+
+    In SQL, not from a list of values: the rows may have been written by anyone (an
+    earlier flush, another worker, a replay that saw fewer values), and the scope's rows
+    are one index range. Values compare byte-wise (COLLATE "C"), as Python and the
+    backfill's ranking do.
+    """
+    cur.execute(
+        "DELETE FROM metrics_aggregates a USING unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], "
+        "%s::bigint[], %s::text[]) AS c(g, t, m, d, h, v) WHERE a.bucket_time = c.t AND a.granularity = c.g "
+        "AND a.metric_name = c.m AND a.dimension_type = c.d AND a.source = 'stream' AND a.dimension_value <> %s "
+        f"AND ({CAP_HASH_SQL.format(expr='a.dimension_value')}, a.dimension_value COLLATE \"C\") "
+        "> (c.h, c.v COLLATE \"C\")",
+        ([s[0] for s, _ in past], [_ts(s[1]) for s, _ in past], [s[2] for s, _ in past], [s[3] for s, _ in past],
+         [c[0] for _, c in past], [c[1] for _, c in past], OTHER))
+    return cur.rowcount
 
 
 def _fresh_buckets(cur: psycopg.Cursor, buckets: set[BucketId]) -> set[BucketId]:

@@ -3,20 +3,23 @@
 Two processors own two partitions each, so no bucket is whole in either one's memory: each
 flush merges its own states with the other's partials read back from PostgreSQL (the
 per-key path). Then one processor takes all four partitions over, as after a rebalance,
-and merges in memory (the vectorised path) without knowing the cuts the others wrote.
-With a tight cap, partitions keep values the cap over the whole bucket pushes out; the
-final rows must be exactly the reference rule's (caps over every event), as the SQL
-backfill computes them.
+and merges in memory (the vectorised path). With a tight cap, partitions keep values the
+cap over the whole bucket pushes out; after every round the rows must be exactly the
+reference rule's (caps over every event so far), as the SQL backfill computes them. A
+stray row past a cut (as a replay that saw fewer values, or an older worker, writes)
+is deleted by the next flush of its scope.
 """
 
 from __future__ import annotations
 
+import psycopg
 from helpers import make_events
 from worker_support import assert_rows_match_events, fetch_rows
 
 from stream_agg.config import load_config
+from stream_agg.core.cardinality import cap_hash
 from stream_agg.core.registry import OTHER, default_registry
-from stream_agg.events import encode_event
+from stream_agg.events import TraceEvent, encode_event
 from stream_agg.kafka.processor import Message, Processor
 from stream_agg.observability import Metrics
 from stream_agg.store.schema import migrate
@@ -24,6 +27,7 @@ from stream_agg.store.stream_state import StreamStore
 
 STREAM = "s:caps"
 PARTITIONS = 4
+PER_MESSAGE = 25
 
 
 def _processor(url: str, partitions: set[int]) -> Processor:
@@ -41,16 +45,19 @@ def _close(*procs: Processor) -> None:
         proc.reader.close()
 
 
-def _rounds(events: list, rounds: int) -> list[list[Message]]:
-    """Each partition's events as batched messages, cut into `rounds` in offset order."""
-    per: list[list[Message]] = []
+def _rounds(events: list[TraceEvent], rounds: int) -> list[tuple[list[Message], list[TraceEvent]]]:
+    """Each partition's events as batched messages, cut into `rounds` in offset order:
+    (messages, their events) per round."""
+    per: list[list[tuple[Message, list[TraceEvent]]]] = []
     for p in range(PARTITIONS):
         mine = events[p::PARTITIONS]
-        per.append([Message(p, i, b"[" + b",".join(encode_event(e) for e in mine[j:j + 25]) + b"]")
-                    for i, j in enumerate(range(0, len(mine), 25))])
+        chunks = [mine[j:j + PER_MESSAGE] for j in range(0, len(mine), PER_MESSAGE)]
+        per.append([(Message(p, i, b"[" + b",".join(encode_event(e) for e in c) + b"]"), c)
+                    for i, c in enumerate(chunks)])
     out = []
     for r in range(rounds):
-        out.append([m for msgs in per for m in msgs[r * len(msgs) // rounds:(r + 1) * len(msgs) // rounds]])
+        part = [x for msgs in per for x in msgs[r * len(msgs) // rounds:(r + 1) * len(msgs) // rounds]]
+        out.append(([m for m, _ in part], [e for _, c in part for e in c]))
     return out
 
 
@@ -58,22 +65,37 @@ def test_rows_are_capped_over_every_partition_whoever_writes_them(database_url: 
     migrate(database_url)
     events = make_events(3000, seed=61, hours=10, users=40)
     registry = default_registry({"user": 4})
-    a, b = _processor(database_url, {0, 1}), _processor(database_url, {2, 3})
     rounds = _rounds(events, 4)
+    seen: list[TraceEvent] = []
+    a, b = _processor(database_url, {0, 1}), _processor(database_url, {2, 3})
     try:
-        for msgs in rounds[:3]:
+        for msgs, evs in rounds[:3]:
             for proc in (a, b):
                 proc.process([m for m in msgs if m.partition in proc.contexts])
                 proc.flush()
-        # a value kept by some partition although the whole bucket pushes it out: the case at hand
-        per_partition = {(k, p) for proc in (a, b) for p, ctx in proc.contexts.items()
-                         for k in ctx.pstate.states if k[3] == "user" and k[4] != OTHER}
-        assert {k for k, _ in per_partition} - set(fetch_rows(database_url))
+            seen += evs
+            assert_rows_match_events(fetch_rows(database_url), seen, registry)
+        # the case at hand: a partition kept a value the cap over the whole bucket pushes out
+        held = {k for proc in (a, b) for ctx in proc.contexts.values() for k in ctx.pstate.states
+                if k[3] == "user"}
+        assert held - set(fetch_rows(database_url))
     finally:
         _close(a, b)
+    # a stray row past the cut of a scope the last round writes (source 'stream')
+    stray_scope = next(k[:4] for k in sorted(fetch_rows(database_url)) if k[0] == "week" and k[3] == "user")
+    kept = [k[4] for k in fetch_rows(database_url) if k[:4] == stray_scope and k[4] != OTHER]
+    assert len(kept) == 4
+    last = max((cap_hash(v), v) for v in kept)
+    stray = next(v for v in (f"stray-{i}" for i in range(100)) if (cap_hash(v), v) > last)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+            "dimension_value, count, sum_value, min_value, max_value, avg_value, source) "
+            "VALUES (to_timestamp(%s), %s, %s, %s, %s, 1, 1, 1, 1, 1, 'stream')",
+            (stray_scope[1], stray_scope[0], stray_scope[2], stray_scope[3], stray))
     whole = _processor(database_url, set(range(PARTITIONS)))
     try:
-        whole.process(rounds[3])
+        whole.process(rounds[3][0])
         whole.flush()
     finally:
         _close(whole)
