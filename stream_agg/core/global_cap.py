@@ -17,6 +17,11 @@ below the cut pushes an unchanged value out. The writer deletes the scope's stre
 past the cut in SQL, under the bucket lock, whoever wrote them (an earlier flush, another
 worker, a replay that saw fewer values, a worker older than this module); that costs one
 md5 per row of the scope, and nothing for a bucket without rows yet.
+
+Changing a cap is not followed: values a smaller cap folded into a partition's
+`__other__` stay there, and rows deleted under a smaller cut come back only when their
+values get new events. After changing `STREAM_AGG_CARDINALITY_CAPS`, backfill or replay
+the buckets that should follow the new cap.
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def cap_states(parts: Mapping[Key, Sequence[AggState]], wanted: set[Key], caps: 
     (rows past it are strays: written from fewer values, by a replay or an older worker);
     one over its cap also gets its `__other__` row rewritten, as the merge of `__other__`
     and every value past the cut (in (hash, value) order, so the same partials give the
-    same digest). Only what is written is merged.
+    same digest in this path). Only what is written is merged.
     """
     touched = {k[:4] for k in wanted if k[3] in caps}
     scopes: dict[Scope, list[str]] = {}

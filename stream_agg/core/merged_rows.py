@@ -191,8 +191,9 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
         if pos.size:
             held.append((t, pos, _globalize(t.keys[pos], _translation(i, ps, dim, glob, trans))))
     cap = pstates[0].registry.cap(dim) if pstates else None
+    renamed = False  # keys past a cut renamed to __other__: a partition may give a row several parts
     if cap is not None and held:
-        held, only = _cap_union(held, only, tid, glob[dim], cap, cuts)
+        held, only, renamed = _cap_union(held, only, tid, glob[dim], cap, cuts)
     comps_all: list[I64] = []
     slots_all: list[tuple[Any, I64]] = []
     with_digest = False
@@ -217,8 +218,8 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
     start = 0
     for t, slots in slots_all:  # partition by partition: inv[start:stop] are this one's rows
         stop = start + slots.size
-        r = inv[start:stop]  # distinct within one partition, unless the cap merged some into __other__
-        if r.size > 1 and np.unique(r).size < r.size:
+        r = inv[start:stop]  # distinct within one partition, unless renamed
+        if renamed and r.size > 1 and np.unique(r).size < r.size:
             np.add.at(count, r, t.count[slots])
             np.add.at(total, r, t.total[slots])
             np.minimum.at(lo, r, t.lo[slots])
@@ -239,7 +240,7 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
 
 
 def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId, interner: Interner, cap: int,
-               cuts: dict[Scope, Cut]) -> tuple[list[tuple[Any, I64, I64]], I64 | None]:
+               cuts: dict[Scope, Cut]) -> tuple[list[tuple[Any, I64, I64]], I64 | None, bool]:
     """Apply the cap over the union of the partitions' keys (`global_cap`): keys past the cut
     are renamed to their bucket's __other__ (so their states merge into it). Of the buckets
     with keys to write, those holding at least `cap` values get their cut recorded, and
@@ -250,14 +251,14 @@ def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId,
     union = np.unique(np.concatenate([gk for _, _, gk in held]))
     decision = cut_union(union, interner.labels, hashes, other, cap)
     if not decision.cuts:
-        return held, only
+        return held, only, False
     touched = np.fromiter(decision.cuts, dtype=np.int64, count=len(decision.cuts))
     if only is not None:
         touched = np.intersect1d(touched, only >> LABEL_BITS)
     for hour in touched.tolist():
         cuts[(g, hour * HOUR, metric, dim)] = decision.cuts[hour]
     if decision.out.size == 0:
-        return held, only
+        return held, only, False
     if only is not None:
         over = np.intersect1d(touched, decision.out >> LABEL_BITS)
         only = np.union1d(only[~member_of_sorted(decision.out, only)], over * LABEL_SPACE + other)
@@ -269,11 +270,12 @@ def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId,
             gk = gk.copy()
             gk[hit] = (gk[hit] >> LABEL_BITS) * LABEL_SPACE + other
             # each row's parts by hash, not by this partition's value ids (which a restart
-            # renumbers): the same partials merge into the same __other__ digest
+            # renumbers): the same partials merge into the same __other__ digest (in this
+            # path; the per-key path merges in another order, within the digest's tolerance)
             order = np.lexsort((hashes[named & LABEL_MASK], gk))
             pos, gk = pos[order], gk[order]
         renamed.append((t, pos, gk))
-    return renamed, only
+    return renamed, only, True
 
 
 def _samples_of(t: Any, slots: I64) -> list[Any]:

@@ -17,7 +17,7 @@ from helpers import make_events
 from worker_support import assert_rows_match_events, fetch_rows
 
 from stream_agg.config import load_config
-from stream_agg.core.cardinality import cap_hash
+from stream_agg.core.cardinality import CAP_HASH_SQL, cap_hash
 from stream_agg.core.registry import OTHER, default_registry
 from stream_agg.events import TraceEvent, encode_event
 from stream_agg.kafka.processor import Message, Processor
@@ -87,16 +87,38 @@ def test_rows_are_capped_over_every_partition_whoever_writes_them(database_url: 
     assert len(kept) == 4
     last = max((cap_hash(v), v) for v in kept)
     stray = next(v for v in (f"stray-{i}" for i in range(100)) if (cap_hash(v), v) > last)
+    backfilled = next(v for v in (f"backfilled-{i}" for i in range(100)) if (cap_hash(v), v) > last)
     with psycopg.connect(database_url) as conn:
-        conn.execute(
-            "INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
-            "dimension_value, count, sum_value, min_value, max_value, avg_value, source) "
-            "VALUES (to_timestamp(%s), %s, %s, %s, %s, 1, 1, 1, 1, 1, 'stream')",
-            (stray_scope[1], stray_scope[0], stray_scope[2], stray_scope[3], stray))
+        for value, source in ((stray, "stream"), (backfilled, "backfill")):  # the backfill's row stays
+            conn.execute(
+                "INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                "dimension_value, count, sum_value, min_value, max_value, avg_value, source) "
+                "VALUES (to_timestamp(%s), %s, %s, %s, %s, 1, 1, 1, 1, 1, %s)",
+                (stray_scope[1], stray_scope[0], stray_scope[2], stray_scope[3], value, source))
     whole = _processor(database_url, set(range(PARTITIONS)))
     try:
         whole.process(rounds[3][0])
         whole.flush()
     finally:
         _close(whole)
-    assert_rows_match_events(fetch_rows(database_url), events, registry)
+    rows = fetch_rows(database_url)
+    assert rows.pop((*stray_scope, backfilled))[-1] == "backfill"
+    assert_rows_match_events(rows, events, registry)
+
+
+def test_values_past_a_cut_compare_in_sql_as_in_python(database_url: str) -> None:
+    """The delete's order (`stream_state._delete_past_cuts`): md5 prefix, then the value
+    byte-wise, must be the (cap_hash, value) order the merge and the backfill use, for
+    any text."""
+    values = ["a", "B", "z", "é", "ä", "日本", "Ω", "a\u00e9", "ae", "zz", "", " ", "ß", "𝔘"]
+    with psycopg.connect(database_url) as conn:
+        got = [v for (v,) in conn.execute(
+            f"SELECT v FROM unnest(%s::text[]) AS v ORDER BY {CAP_HASH_SQL.format(expr='v')}, v COLLATE \"C\"",
+            (values,))]
+        # a 60-bit tie, decided by the value: the same hash on both sides
+        ties = conn.execute(
+            "SELECT a, b, (7::bigint, a COLLATE \"C\") > (7::bigint, b COLLATE \"C\") "
+            "FROM unnest(%s::text[]) AS a, unnest(%s::text[]) AS b", (values, values)).fetchall()
+    assert got == sorted(values, key=lambda v: (cap_hash(v), v))
+    assert len(ties) == len(values) ** 2 and all(greater == ((7, a) > (7, b)) for a, b, greater in ties)
+    assert sorted(values) == sorted(values, key=lambda v: v.encode())  # code points = UTF-8 bytes
