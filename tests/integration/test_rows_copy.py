@@ -185,3 +185,38 @@ def test_a_flush_split_between_new_and_existing_buckets_writes_every_column(data
         assert r[5:13] == w[5:13], key
         assert (bytes(r[13]) if r[13] is not None else None) == w[13], key
         assert r[14:] == ("stream", True)
+
+
+def test_large_digests_are_stored_with_lz4_where_the_server_has_it(database_url: str) -> None:
+    """`db.prefer_lz4`: the store's session compresses digests with lz4 (a third faster than
+    pglz to COPY), on the COPY path and the upsert path alike, and they read back unchanged.
+    A server without lz4 keeps pglz and the rows are written all the same."""
+    migrate(database_url)
+    reg = default_registry()
+    parts = [PartitionState(reg) for _ in range(2)]
+    events = make_events(6000, seed=34, hours=3)
+    for i, p in enumerate(parts):
+        fold_events(p, events[i::2], np.arange(i, len(events), 2))
+    blocks = merged_blocks(parts, set().union(*(p.buckets for p in parts)))
+    want = {k: row for b in blocks for k, row in b.rows()}
+    upserted = sorted({(k[0], k[1]) for k in want if k[0] == "day"})
+    with psycopg.connect(database_url) as conn:  # a day bucket with a row: its rows take the upsert
+        g, t = upserted[0]
+        conn.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                     "dimension_value, count, sum_value) VALUES (%s, %s, 'x', 'all', 'all', 1, 1)",
+                     (to_datetime(t), g))
+        lz4 = conn.execute("SELECT 'lz4' = ANY(enumvals) FROM pg_settings "
+                           "WHERE name = 'default_toast_compression'").fetchone() == (True,)
+    store = StreamStore(database_url)
+    with store.conn().transaction(), store.conn().cursor() as cur:
+        store.merge_rows(cur, "s", set(), blocks=blocks)
+    store.close()
+    with psycopg.connect(database_url) as conn:
+        got = conn.execute("SELECT granularity, pg_column_compression(digest), digest FROM metrics_aggregates "
+                           "WHERE length(digest) > 2100").fetchall()
+        digests = dict(((g, int(t.timestamp()), m, d, v), dg and bytes(dg)) for g, t, m, d, v, dg in conn.execute(
+            "SELECT granularity, bucket_time, metric_name, dimension_type, dimension_value, digest "
+            "FROM metrics_aggregates WHERE metric_name <> 'x'").fetchall())
+    assert {g for g, _, _ in got} >= {"hour", "day"}  # large digests on both paths
+    assert {method for _, method, _ in got} == ({"lz4"} if lz4 else {"pglz"})
+    assert digests == {k: w[13] for k, w in want.items()}
