@@ -266,14 +266,16 @@ def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId,
     for t, pos, gk in held:
         hit = member_of_sorted(decision.out, gk)
         if hit.any():
-            named = gk
-            gk = gk.copy()
-            gk[hit] = (gk[hit] >> LABEL_BITS) * LABEL_SPACE + other
-            # each row's parts by hash, not by this partition's value ids (which a restart
-            # renumbers): the same partials merge into the same __other__ digest (in this
-            # path; the per-key path merges in another order, within the digest's tolerance)
-            order = np.lexsort((hashes[named & LABEL_MASK], gk))
-            pos, gk = pos[order], gk[order]
+            # the renamed parts go last, ordered by bucket then hash, not by this partition's
+            # value ids (which a restart renumbers): the same partials merge into the same
+            # __other__ digest (in this path; the per-key path merges in another order,
+            # within the digest's tolerance)
+            moved = np.flatnonzero(hit)
+            to = (gk[moved] >> LABEL_BITS) * LABEL_SPACE + other
+            order = np.lexsort((hashes[gk[moved] & LABEL_MASK], to))
+            stay = np.flatnonzero(~hit)
+            pos = np.concatenate((pos[stay], pos[moved[order]]))
+            gk = np.concatenate((gk[stay], to[order]))
         renamed.append((t, pos, gk))
     return renamed, only, True
 
