@@ -105,8 +105,8 @@ def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketI
     their row must lose that partition's part). `pstates` must be in partition order
     (digests merge in that order, so the same partials always give the same bytes).
     Capped dimensions are capped again over the union of the partitions (`global_cap`);
-    `cuts` gets the cut of each scope written over its cap (the writer deletes the rows past
-    it). Nothing in the live states is changed.
+    `cuts` gets the cut of each written scope holding at least its cap's number of values
+    (the writer deletes the rows past it). Nothing in the live states is changed.
     """
     cuts = {} if cuts is None else cuts
     wanted: dict[str, list[int]] = {}
@@ -169,7 +169,7 @@ def _globalize(keys: I64, tr: I64) -> I64:
 
 
 def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, glob: dict[str, Interner],
-                   trans: dict[tuple[int, str], I64], changed: list[I64 | None] | None,
+                 trans: dict[tuple[int, str], I64], changed: list[I64 | None] | None,
                  more: I64 | None, cuts: dict[Scope, Cut]) -> RowBlock | None:
     g, metric, dim = tid
     only: I64 | None = None

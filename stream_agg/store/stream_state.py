@@ -96,7 +96,7 @@ class FlushPayload:
     blocks: list[RowBlock] = field(default_factory=list)  # rows of `complete` buckets, merged by the caller
     gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets to delete
     caps: dict[str, int] = field(default_factory=dict)  # the registry's cardinality caps
-    cuts: dict[Scope, Cut] = field(default_factory=dict)  # cut of each scope merged over its cap (global_cap)
+    cuts: dict[Scope, Cut] = field(default_factory=dict)  # cut of each written scope at or over its cap (global_cap)
     # set while the partitions' blobs are still being encoded (by the caller's thread)
     encoded: BlobFeed | None = None
 
