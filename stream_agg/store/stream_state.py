@@ -17,9 +17,9 @@ One flush transaction, for all partitions this worker owns:
 4. upsert the changed partial states `(stream, bucket, partition)` (fenced the same
    way: never replace a partial with one that has folded less).
 
-The partials go last so that compressing them (zlib, on a thread of its own: it releases
+The partials go last so that compressing them (zstd, on a thread of its own: it releases
 the GIL) overlaps PostgreSQL's work on steps 1-3 instead of adding to the flush: ~1.8 s
-of zlib per million events was on the flush's critical path. The order inside the
+of zlib (as it was then) per million events was on the flush's critical path. The order inside the
 transaction changes nothing: other workers wait on the bucket locks until commit, and
 the partials this flush writes are of buckets in this worker's memory, which step 3
 takes from memory, never from the table.
@@ -151,7 +151,7 @@ def compress_blobs(payload: FlushPayload) -> None:
     """Compress every blob in place, so each raw blob is freed as soon as it is done.
 
     Safe to run again on the same payload: the feed is used once, and a blob already
-    compressed (its "Z" prefix; raw blobs start with msgpack's 0x92) is left alone."""
+    compressed (its one-byte prefix; raw blobs start with msgpack's 0x92) is left alone."""
     fed = payload.encoded if payload.encoded is not None else (
         (part, i) for part in payload.partitions for i in range(len(part.buckets)))
     for part, i in fed:

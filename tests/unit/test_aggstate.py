@@ -137,6 +137,29 @@ def test_bucket_blob_round_trip_and_versioning() -> None:
         decode_bucket(b"\x00garbage")
 
 
+def test_compressed_blobs_zstd_written_and_zlib_still_read() -> None:
+    """Partials are written zstd-compressed; those an earlier version wrote with zlib
+    ("Z" prefix) must still load after an upgrade, and a damaged one is a clear error."""
+    import zlib
+
+    import zstandard
+
+    from stream_agg.core.aggstate import compress_blob, decode_bucket, encode_bucket, is_compressed
+
+    items = [("trace.duration_ms", "user", "ann", AggState.from_values(_data("lognormal", 3000, 4), True, 17))]
+    raw = encode_bucket(items)
+    packed = compress_blob(raw)
+    assert packed[:1] == b"S" and zstandard.ZstdDecompressor().decompress(packed[1:]) == raw
+    assert len(packed) < len(raw) and is_compressed(packed) and not is_compressed(raw)
+    old = b"Z" + zlib.compress(raw, 1)
+    for blob in (raw, packed, old):
+        back = decode_bucket(blob)
+        assert [s for *_, s in back] == [s for *_, s in items]
+    for bad in (packed[:-7], old[:-7], b"S" + raw):
+        with pytest.raises(UnknownVersionError, match="not a stream-agg bucket blob"):
+            decode_bucket(bad)
+
+
 def test_segment_quantiles_of_many_samples_equal_numpy() -> None:
     rng = np.random.default_rng(3)
     samples = [np.sort(rng.lognormal(3, 1, int(n))) for n in rng.integers(1, 130, 200)]
