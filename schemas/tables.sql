@@ -48,6 +48,17 @@ CREATE TABLE IF NOT EXISTS stream_agg_schema (
 	PRIMARY KEY (version)
 );
 
+CREATE TABLE IF NOT EXISTS stream_cap_cuts (
+	bucket_time TIMESTAMP WITH TIME ZONE NOT NULL, 
+	granularity TEXT NOT NULL, 
+	metric_name TEXT NOT NULL, 
+	dimension_type TEXT NOT NULL, 
+	cap_hash BIGINT NOT NULL, 
+	cap_value TEXT NOT NULL, 
+	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	CONSTRAINT stream_cap_cuts_pkey PRIMARY KEY (bucket_time, granularity, metric_name, dimension_type)
+);
+
 CREATE TABLE IF NOT EXISTS stream_offsets (
 	stream TEXT NOT NULL, 
 	partition INTEGER NOT NULL, 
@@ -85,4 +96,4 @@ CREATE TABLE IF NOT EXISTS traces (
 );
 CREATE INDEX IF NOT EXISTS traces_started_at_idx ON traces (started_at);
 
-INSERT INTO stream_agg_schema (version) VALUES (1) ON CONFLICT DO NOTHING;
+INSERT INTO stream_agg_schema (version) VALUES (2) ON CONFLICT DO NOTHING;

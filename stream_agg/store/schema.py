@@ -133,6 +133,25 @@ stream_offsets = Table(
     PrimaryKeyConstraint("stream", "partition", name="stream_offsets_pkey"),
 )
 
+# Per scope of a capped dimension (bucket, metric, dimension): the cut (cap hash, value)
+# of the last value kept when its stream rows were last written. Invariant: no stream row
+# of the scope other than `__other__` is past it. A writer whose cut is not below the
+# stored one then has nothing to delete, which spares scanning the scope's ~K rows for
+# rows past the cut at every flush (core/global_cap.py, store/stream_state.py).
+stream_cap_cuts = Table(
+    "stream_cap_cuts",
+    metadata,
+    Column("bucket_time", DateTime(timezone=True), nullable=False),
+    Column("granularity", Text, nullable=False),
+    Column("metric_name", Text, nullable=False),
+    Column("dimension_type", Text, nullable=False),
+    Column("cap_hash", BigInteger, nullable=False),
+    Column("cap_value", Text, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("bucket_time", "granularity", "metric_name", "dimension_type",
+                         name="stream_cap_cuts_pkey"),
+)
+
 schema_version = Table(
     "stream_agg_schema",
     metadata,
@@ -145,8 +164,13 @@ def _v1(conn: Connection) -> None:
     metadata.create_all(conn, checkfirst=True)
 
 
-# Ordered upgrade steps; append, never edit a released one.
-MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1),)
+def _v2(conn: Connection) -> None:
+    stream_cap_cuts.create(conn, checkfirst=True)
+
+
+# Ordered upgrade steps; append, never edit a released one. (v1 creates every table of
+# the metadata, so on a new database v2 finds its table there already.)
+MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1), (2, _v2))
 LATEST = MIGRATIONS[-1][0]
 
 

@@ -382,14 +382,20 @@ class StreamStore:
                     found[key].append((partition, state))
         # merged in partition order, so the same partials always give the same bytes
         parts = {k: [s for _, s in sorted(v, key=lambda ps: ps[0])] for k, v in found.items()}
-        merged = blocks_from_states(cap_states(parts, keys, caps, cuts, _merge).items())
-        everything = [*blocks, *merged]
+        states = cap_states(parts, keys, caps, cuts, _merge)
+        everything = [*blocks, *blocks_from_states(states.items())]
         rows = sum(len(b) for b in everything)
-        gone = sorted({*gone, *(k for k in keys if k not in found)})
+        # a key without partials has no row, unless the cap made it (an __other__ of values
+        # that each partition kept under its own name)
+        gone = sorted(k for k in {*gone, *(k for k in keys if k not in found)} if k not in states)
         fresh = _fresh_buckets(cur, buckets) if rows or gone or cuts else set()
         # a bucket without rows has none to delete
         gone = [k for k in gone if (k[0], k[1]) not in fresh]
-        past = sorted((scope, cut) for scope, cut in cuts.items() if (scope[0], scope[1]) not in fresh)
+        written = _capped_scopes(everything, gone, caps) | capped
+        stored = _stored_cuts(cur, written | set(cuts))
+        # rows past a cut exist only where the cut moved below the stored one (or none is stored)
+        past = sorted((scope, cut) for scope, cut in cuts.items()
+                      if (scope[0], scope[1]) not in fresh and not (scope in stored and cut >= stored[scope]))
         if rows:
             everything = _insert_fresh(cur, fresh, everything)
         if any(len(b) for b in everything):
@@ -399,6 +405,8 @@ class StreamStore:
             _copy_blocks(cur, "tmp_rows", everything)
             cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
         deleted = _delete_past_cuts(cur, past) if past else 0
+        _save_cuts(cur, {s: c for s, c in cuts.items() if stored.get(s) != c},
+                   sorted(s for s in written if s in stored and s not in cuts))
         if gone:
             cur.execute(
                 "DELETE FROM metrics_aggregates a USING unnest(%s::text[], %s::timestamptz[], %s::text[], "
@@ -428,6 +436,50 @@ def _delete_past_cuts(cur: psycopg.Cursor, past: Sequence[tuple[Scope, Cut]]) ->
         ([s[0] for s, _ in past], [_ts(s[1]) for s, _ in past], [s[2] for s, _ in past], [s[3] for s, _ in past],
          [c[0] for _, c in past], [c[1] for _, c in past], OTHER))
     return cur.rowcount
+
+
+def _capped_scopes(blocks: Sequence[RowBlock], gone: Sequence[Key], caps: Mapping[str, int]) -> set[Scope]:
+    """The scopes of capped dimensions that these rows (written or deleted) belong to."""
+    out = {(k[0], k[1], k[2], k[3]) for k in gone if k[3] in caps}
+    for b in blocks:
+        if b.dimension in caps and len(b):
+            out.update((b.granularity, h * HOUR, b.metric, b.dimension) for h in np.unique(b.hours).tolist())
+    return out
+
+
+def _scope_arrays(scopes: Sequence[Scope]) -> tuple[list[str], list[datetime], list[str], list[str]]:
+    return [s[0] for s in scopes], [_ts(s[1]) for s in scopes], [s[2] for s in scopes], [s[3] for s in scopes]
+
+
+def _stored_cuts(cur: psycopg.Cursor, scopes: set[Scope]) -> dict[Scope, Cut]:
+    """The cuts stored for these scopes (`stream_cap_cuts`); the caller holds their buckets' locks."""
+    if not scopes:
+        return {}
+    cur.execute(
+        "SELECT c.granularity, c.bucket_time, c.metric_name, c.dimension_type, c.cap_hash, c.cap_value "
+        "FROM stream_cap_cuts c JOIN unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[]) AS s(g, t, m, d) "
+        "ON c.bucket_time = s.t AND c.granularity = s.g AND c.metric_name = s.m AND c.dimension_type = s.d",
+        _scope_arrays(sorted(scopes)))
+    return {(g, int(t.timestamp()), m, d): (int(h), v) for g, t, m, d, h, v in cur.fetchall()}
+
+
+def _save_cuts(cur: psycopg.Cursor, cuts: Mapping[Scope, Cut], cleared: Sequence[Scope]) -> None:
+    """Store the cuts these rows were written (and deleted) with. `cleared`: scopes written
+    without a cut (fewer values than the cap, e.g. after a replay that saw fewer): any of
+    their values may now have a row, so no stored cut may claim otherwise."""
+    if cuts:
+        ordered = sorted(cuts.items())
+        cur.execute(
+            "INSERT INTO stream_cap_cuts AS c (granularity, bucket_time, metric_name, dimension_type, cap_hash, "
+            "cap_value) SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::bigint[], "
+            "%s::text[]) ON CONFLICT (bucket_time, granularity, metric_name, dimension_type) DO UPDATE SET "
+            "cap_hash = EXCLUDED.cap_hash, cap_value = EXCLUDED.cap_value, updated_at = now()",
+            (*_scope_arrays([s for s, _ in ordered]), [c[0] for _, c in ordered], [c[1] for _, c in ordered]))
+    if cleared:
+        cur.execute(
+            "DELETE FROM stream_cap_cuts c USING unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[]) "
+            "AS s(g, t, m, d) WHERE c.bucket_time = s.t AND c.granularity = s.g AND c.metric_name = s.m "
+            "AND c.dimension_type = s.d", _scope_arrays(cleared))
 
 
 def _fresh_buckets(cur: psycopg.Cursor, buckets: set[BucketId]) -> set[BucketId]:

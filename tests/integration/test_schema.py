@@ -24,13 +24,13 @@ def _catalog(url: str) -> list[tuple]:
 
 
 def test_migrate_twice_is_a_noop(database_url: str) -> None:
-    assert migrate(database_url) == [1]
+    assert migrate(database_url) == [1, 2]
     first = _catalog(database_url)
     assert migrate(database_url) == []
     assert _catalog(database_url) == first
-    assert current_version(database_url) == 1
+    assert current_version(database_url) == 2
     tables = {r[0] for r in first if len(r) == 4}
-    assert {"metrics_aggregates", "traces", "spans", "stream_partials", "stream_offsets"} <= tables
+    assert {"metrics_aggregates", "traces", "spans", "stream_partials", "stream_offsets", "stream_cap_cuts"} <= tables
     names = {r[0] for r in first if len(r) == 2}
     assert "metrics_aggregates_dashboard_idx" in names and "metrics_aggregates_bucket_key" in names
 
@@ -39,7 +39,7 @@ def test_cli_migrate_and_plain_sql_agree(database_url: str, pg_server_url: str) 
     out = subprocess.run([sys.executable, "-m", "stream_agg", "migrate", "--database-url", database_url],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "schema version 1" in out.stdout
+    assert "schema version 2" in out.stdout
     again = subprocess.run([sys.executable, "-m", "stream_agg", "migrate", "--database-url", database_url],
                            capture_output=True, text=True, timeout=60)
     assert "nothing to do" in again.stdout
