@@ -104,16 +104,19 @@ def caught_up(next_offsets: dict[int, int], highwater: Callable[[int], int | Non
 
 
 class BacklogEnd:
-    """Says once, when a backlog has just been folded, that it is time to flush.
+    """Says, when a backlog has just been folded, that it is time to flush, until a flush starts.
 
     A backlog shows as a full take (the batch size or byte budget reached); its end, as
     every partition folded to its high watermark. Edge-triggered on purpose: a worker
     keeping up with live traffic is caught up between most fetches, and flushing on the
-    level would flush every second instead of every `flush_interval`.
+    level would flush every second instead of every `flush_interval`. Latched until
+    `flushing()`: the end usually comes while the previous flush is still writing, and
+    the flush that makes the backlog's tail durable must start as soon as that one ends.
     """
 
     def __init__(self) -> None:
         self.behind = False
+        self.due = False
 
     def took(self, full: bool) -> None:
         if full:
@@ -122,8 +125,12 @@ class BacklogEnd:
     def ended(self, next_offsets: dict[int, int], highwater: Callable[[int], int | None]) -> bool:
         if self.behind and caught_up(next_offsets, highwater):
             self.behind = False
-            return True
-        return False
+            self.due = True
+        return self.due
+
+    def flushing(self) -> None:
+        """A flush is taking its snapshot: it covers everything folded so far."""
+        self.due = False
 
 
 def stream_id(config: Config) -> str:
@@ -398,10 +405,16 @@ class WorkerShell:
     async def _flush_loop(self) -> None:
         """Flush on the interval even when no messages arrive (closes idle buckets)."""
         while not self.stopping:
-            await asyncio.sleep(min(TICK, self.config.flush_interval / 2))
+            running = self.flush_task
+            if running is not None and not running.done():
+                await asyncio.wait([running], timeout=TICK)  # check again as soon as it ends
+            else:
+                await asyncio.sleep(min(TICK, self.config.flush_interval / 2))
             self._update_lag()
             idle = time.monotonic() - self.last_batch >= IDLE_AFTER or self._backlog_ended()
-            if self.stopping or time.monotonic() - self.last_flush < self._next_delay(idle):
+            if self.stopping or (self.flush_task is not None and not self.flush_task.done()):
+                continue
+            if time.monotonic() - self.last_flush < self._next_delay(idle):
                 continue
             if await self._run(self.processor.has_work, time.time()):
                 self._flush_soon("timer")
@@ -413,7 +426,7 @@ class WorkerShell:
         come for IDLE_AFTER (which is what stays for a quiet topic, and for a partition
         whose high watermark is not known yet)."""
         if not self.backlog.behind:
-            return False
+            return self.backlog.due
         consumer, topic = self.app.consumer, self.config.topic
         try:
             return self.backlog.ended({p: ctx.next_offset for p, ctx in list(self.processor.contexts.items())},
@@ -453,6 +466,7 @@ class WorkerShell:
             try:
                 await self.app.producer.flush()  # DLQ records durable before their messages are acked
                 began = time.monotonic()
+                self.backlog.flushing()
                 snap = await self._snapshot()
                 loop = asyncio.get_running_loop()
                 try:

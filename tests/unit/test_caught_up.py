@@ -25,6 +25,12 @@ def test_the_end_of_a_backlog_is_signalled_once_and_live_traffic_never() -> None
     assert not end.ended({0: 5}, high.get)  # still behind
     end.took(full=True)
     assert end.ended({0: 10}, high.get)  # folded to the end: flush now
+    assert end.ended({0: 10}, high.get)  # still due: the previous flush may still be writing
+    end.flushing()  # the flush that covers it has started
     assert not end.ended({0: 10}, high.get)  # once
     end.took(full=False)
     assert not end.ended({0: 10}, high.get)
+    end.took(full=True)
+    assert end.ended({0: 11}, high.get)  # a second backlog
+    end.flushing()
+    assert not end.ended({0: 11}, high.get)
