@@ -9,7 +9,7 @@ flush (`take_changes`), not once per batch.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import repeat
 
@@ -32,6 +32,12 @@ Key = tuple[str, int, str, str, str]
 BucketId = tuple[str, int]
 TableId = tuple[str, str, str]  # (granularity, metric, dimension)
 CapScope = tuple[str, int, str, str]  # (granularity, bucket_start, metric, dimension_type)
+BlobPart = dict[TableId, I64] | None  # a delta's keys per table, or None: the whole bucket
+
+# Deltas over a stored bucket blob (`blob_plan`): at most this many are stacked before the
+# whole blob is written again, and only when at most 1/DELTA_SHARE of the states changed.
+MAX_DELTAS = 8
+DELTA_SHARE = 4
 
 
 @dataclass
@@ -169,29 +175,80 @@ class PartitionState:
                 yield metric, dim, labels[comp & LABEL_MASK], self._state(t, slot)
 
     def encode_bucket(self, bucket: BucketId) -> tuple[bytes, int]:
-        """The bucket's blob (as `aggstate.encode_bucket` writes it) and its number of states.
-
-        Headers are packed for a whole table at once and small samples are written as
-        their values, so no AggState or digest is made per key on the folding thread.
-        """
+        """The bucket's blob (as `aggstate.encode_bucket` writes it) and its number of states."""
         items: list[tuple[str, str, str, bytes]] = []
         for metric, dim, t, rng in self._bucket_tables(bucket):
-            slots = t.slots[rng]
-            labels = self.interners[dim].labels
-            names = [labels[lid] for lid in (t.keys[rng] & LABEL_MASK).tolist()]
-            samples = [t.digests[s] for s in slots.tolist()] if t.with_digest else None
-            if samples is None:
-                kinds = np.zeros(slots.size, dtype=np.uint8)
-            else:
-                kinds = np.fromiter((NO_SAMPLE if x is None else VALUES_SAMPLE if isinstance(x, np.ndarray)
-                                     else DIGEST_SAMPLE for x in samples), dtype=np.uint8, count=slots.size)
-            heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots], kinds)
-            if samples is None:
-                items.extend(zip(repeat(metric), repeat(dim), names, heads))
-            else:
-                items.extend((metric, dim, name, head + _sample_bytes(x))
-                             for name, head, x in zip(names, heads, samples, strict=True))
+            self._encode_into(items, metric, dim, t, t.keys[rng], t.slots[rng])
         return encode_bucket_bytes(items), len(items)
+
+    def blob_plan(self, changes: Changes, deltas: Mapping[BucketId, int]) -> list[tuple[BucketId, BlobPart]]:
+        """For each changed bucket, what its flush writes: None for the whole blob, or the
+        changed keys per table for a delta over the stored one.
+
+        `deltas`: the buckets whose whole blob is stored, with the number of deltas over
+        it. A delta only where that blob exists, fewer than MAX_DELTAS are stacked on it
+        (readers apply them all; the next whole blob replaces them), at most 1/DELTA_SHARE
+        of the bucket's states changed, and none was removed (a delta cannot say "gone").
+        """
+        buckets = sorted(changes.buckets())
+        removed = {(k[0], k[1]) for k in changes.removed}
+        candidates = [b for b in buckets if b not in removed and deltas.get(b, MAX_DELTAS) < MAX_DELTAS]
+        if not candidates:
+            return [(b, None) for b in buckets]
+        sizes = self.bucket_sizes(candidates)
+        subsets: dict[BucketId, dict[TableId, I64]] = {b: {} for b in candidates}
+        by_g: dict[str, list[int]] = {}
+        for g, b in candidates:
+            by_g.setdefault(g, []).append(b)
+        for tid, comps in changes.tables.items():
+            starts = by_g.get(tid[0])
+            if not starts:
+                continue
+            lo = composite(np.asarray(starts, dtype=np.int64), 0)
+            cut = np.searchsorted(comps, np.concatenate((lo, lo + LABEL_SPACE)))
+            for i, b in enumerate(starts):
+                a, z = int(cut[i]), int(cut[i + len(starts)])
+                if z > a:
+                    subsets[(tid[0], b)][tid] = comps[a:z]
+        out: list[tuple[BucketId, BlobPart]] = []
+        for b in buckets:
+            sub = subsets.get(b)
+            n = sum(int(c.size) for c in sub.values()) if sub is not None else 0
+            out.append((b, sub if sub is not None and n * DELTA_SHARE <= sizes[b] else None))
+        return out
+
+    def encode_keys(self, tables: dict[TableId, I64]) -> tuple[bytes, int]:
+        """A blob (same format) of just these states: composite keys per table, all of one
+        bucket and all present (a flush's changed keys: a delta over the stored blob)."""
+        items: list[tuple[str, str, str, bytes]] = []
+        for (g, metric, dim), comps in tables.items():
+            t = self.tables[(g, metric, dim)]
+            slots = t.lookup(comps)
+            if (slots < 0).any():
+                raise KeyError(f"no state for {int((slots < 0).sum())} of the keys asked for in {g}/{metric}/{dim}")
+            self._encode_into(items, metric, dim, t, comps, slots)
+        return encode_bucket_bytes(items), len(items)
+
+    def _encode_into(self, items: list[tuple[str, str, str, bytes]], metric: str, dim: str, t: StateTable,
+                     comps: I64, slots: I64) -> None:
+        """Append the `to_bytes` items of these states of table `t`.
+
+        Headers are packed for a whole table at once and small samples are written as
+        their values, so no AggState or digest is made per key on the folding thread."""
+        labels = self.interners[dim].labels
+        names = [labels[lid] for lid in (comps & LABEL_MASK).tolist()]
+        samples = [t.digests[s] for s in slots.tolist()] if t.with_digest else None
+        if samples is None:
+            kinds = np.zeros(slots.size, dtype=np.uint8)
+        else:
+            kinds = np.fromiter((NO_SAMPLE if x is None else VALUES_SAMPLE if isinstance(x, np.ndarray)
+                                 else DIGEST_SAMPLE for x in samples), dtype=np.uint8, count=slots.size)
+        heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots], kinds)
+        if samples is None:
+            items.extend(zip(repeat(metric), repeat(dim), names, heads))
+        else:
+            items.extend((metric, dim, name, head + _sample_bytes(x))
+                         for name, head, x in zip(names, heads, samples, strict=True))
 
     @property
     def states(self) -> dict[Key, AggState]:

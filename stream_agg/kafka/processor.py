@@ -27,7 +27,7 @@ from stream_agg.config import Config
 from stream_agg.core.buckets import GRANULARITIES, SPAN
 from stream_agg.core.fold import BucketId, Columns, PartitionState, fold
 from stream_agg.core.merged_rows import merged_blocks
-from stream_agg.core.partition_state import Changes
+from stream_agg.core.partition_state import BlobPart, Changes
 from stream_agg.core.registry import Registry
 from stream_agg.core.watermark import Watermark, WatermarkPolicy
 from stream_agg.events import decode_message, encode_event
@@ -55,8 +55,9 @@ class Snapshot:
     pending_events: int
     taken_at: float
     seconds: float = 0.0  # spent taking it (on the folding thread)
-    # the partial blobs still to encode: (flush entry, its partition's state, buckets)
-    unencoded: list[tuple[PartitionFlush, PartitionState, list[BucketId]]] = field(default_factory=list)
+    # the partial blobs still to encode: (flush entry, its partition's state, what to write per bucket)
+    unencoded: list[tuple[PartitionFlush, PartitionState, list[tuple[BucketId, BlobPart]]]] = field(
+        default_factory=list)
     encode_seconds: float = 0.0
 
 
@@ -109,6 +110,8 @@ class PartitionContext:
     generation: int | None = None  # consumer-group generation it was assigned in
     # closed buckets whose final values are flushed, kept for late events -> wall time last folded into
     cached: dict[BucketId, float] = field(default_factory=dict)
+    # buckets whose whole blob is durable in stream_partials -> deltas stored over it (blob_plan)
+    stored: dict[BucketId, int] = field(default_factory=dict)
 
 
 def _policy(config: Config) -> WatermarkPolicy:
@@ -245,8 +248,14 @@ class Processor:
         loaded = self.reader.load_bucket_items(self.stream_id, wanted) if needed else {}
         try:
             for p, buckets in wanted.items():
+                ctx = self.contexts[p]
                 for bucket in buckets:
-                    self.contexts[p].pstate.load_bucket(bucket, loaded.get((p, bucket), []))
+                    stored = loaded.get((p, bucket))
+                    ctx.pstate.load_bucket(bucket, stored.items if stored is not None else [])
+                    if stored is not None:
+                        ctx.stored[bucket] = stored.deltas
+                    else:
+                        ctx.stored.pop(bucket, None)
             for prep in prepared:
                 self._apply(prep, out)
         except BaseException:
@@ -347,7 +356,7 @@ class Processor:
         began = time.perf_counter()
         closing = {p: self.closed_buckets(c, now) for p, c in self.contexts.items()}
         parts: list[PartitionFlush] = []
-        unencoded: list[tuple[PartitionFlush, PartitionState, list[BucketId]]] = []
+        unencoded: list[tuple[PartitionFlush, PartitionState, list[tuple[BucketId, BlobPart]]]] = []
         changes: dict[int, Changes] = {}
         for p, ctx in self.contexts.items():
             ch = ctx.pstate.take_changes()
@@ -355,7 +364,7 @@ class Processor:
                 continue
             parts.append(PartitionFlush(p, ctx.next_offset, _finite(ctx.watermark.max_event_time),
                                         ctx.base_offset))
-            unencoded.append((parts[-1], ctx.pstate, sorted(ch.buckets())))
+            unencoded.append((parts[-1], ctx.pstate, ctx.pstate.blob_plan(ch, ctx.stored)))
             changes[p] = ch
             ctx.dirty = False
         payload = None
@@ -374,9 +383,13 @@ class Processor:
         handing each to `feed` as soon as it is made."""
         began = time.perf_counter()
         try:
-            for part, pstate, buckets in snap.unencoded:
-                for bucket in buckets:
-                    blob, nkeys = pstate.encode_bucket(bucket)
+            for part, pstate, plan in snap.unencoded:
+                for bucket, delta in plan:
+                    if delta is None:
+                        blob, nkeys = pstate.encode_bucket(bucket)
+                    else:
+                        blob, nkeys = pstate.encode_keys(delta)
+                        part.deltas.add(len(part.buckets))
                     part.buckets.append((bucket[0], bucket[1], blob, nkeys))
                     if feed is not None:
                         feed.put(part, len(part.buckets) - 1)
@@ -397,6 +410,8 @@ class Processor:
             ctx = self.contexts.get(part.partition)
             if ctx is not None:
                 ctx.base_offset = part.next_offset
+                for i, (g, b, _, _) in enumerate(part.buckets):
+                    ctx.stored[(g, b)] = ctx.stored.get((g, b), 0) + 1 if i in part.deltas else 0
         for p, buckets in snap.closing.items():
             ctx = self.contexts.get(p)
             if ctx is None:
@@ -427,6 +442,7 @@ class Processor:
             ctx = self.contexts[p]
             ctx.pstate.evict_bucket(b)
             del ctx.cached[b]
+            ctx.stored.pop(b, None)
             held -= sizes[p].get(b, 0)
 
     def rollback(self, snap: Snapshot) -> None:

@@ -75,6 +75,7 @@ class PartitionFlush:
     base_offset: int | None  # next_offset as loaded / last flushed (fencing)
     buckets: list[tuple[str, int, bytes, int]] = field(default_factory=list)  # (g, bucket, blob, keys)
     changed: list[Key] = field(default_factory=list)
+    deltas: set[int] = field(default_factory=set)  # indexes in `buckets` of blobs holding changed states only
 
 
 @dataclass
@@ -221,8 +222,8 @@ class StreamStore:
             raise
 
     def load_bucket_items(self, stream: str, wanted: dict[int, list[BucketId]],
-                          ) -> dict[tuple[int, BucketId], list[tuple[str, str, str, bytes]]]:
-        """(partition, bucket) -> stored (metric, dimension, value, state bytes), for every
+                          ) -> dict[tuple[int, BucketId], StoredBucket]:
+        """(partition, bucket) -> its stored states (blob and deltas applied), for every
         partition's wanted buckets, in one query (absent blobs are simply missing)."""
         pairs = [(p, g, b) for p, buckets in wanted.items() for g, b in buckets]
         if not pairs:
@@ -230,12 +231,21 @@ class StreamStore:
         try:
             with self.conn().transaction(), self.conn().cursor() as cur:
                 cur.execute(
-                    "SELECT p.partition, p.granularity, p.bucket_time, p.states FROM stream_partials p "
+                    f"SELECT s.partition, s.granularity, s.bucket_time, s.states FROM ({_WITH_DELTAS}) s "
                     "JOIN unnest(%s::int[], %s::text[], %s::timestamptz[]) AS w(p, g, t) "
-                    "ON p.partition = w.p AND p.granularity = w.g AND p.bucket_time = w.t WHERE p.stream = %s",
+                    "ON s.partition = w.p AND s.granularity = w.g AND s.bucket_time = w.t WHERE s.stream = %s "
+                    "ORDER BY s.partition, s.granularity, s.bucket_time, s.seq",
                     ([p for p, _, _ in pairs], [g for _, g, _ in pairs], [_ts(b) for _, _, b in pairs], stream))
-                return {(int(p), (g, int(t.timestamp()))): decode_bucket_items(bytes(blob))
-                        for p, g, t, blob in cur.fetchall()}
+                out: dict[tuple[int, BucketId], StoredBucket] = {}
+                for p, g, t, blob in cur.fetchall():
+                    key = (int(p), (g, int(t.timestamp())))
+                    items = decode_bucket_items(bytes(blob))
+                    have = out.get(key)
+                    if have is None:
+                        out[key] = StoredBucket(items, 0)
+                    else:
+                        out[key] = StoredBucket(overlay(have.items, items), have.deltas + 1)
+                return out
         except psycopg.Error:
             self._reset()
             raise
@@ -269,9 +279,10 @@ class StreamStore:
                     lap("rows")
                     compressing.result()
                     lap("compress")  # what is left of it once PostgreSQL is done
-                    partials = self.write_partials(cur, payload.stream, [
-                        (g, b, part.partition, blob, n, part.next_offset - 1)
-                        for part in payload.partitions for g, b, blob, n in part.buckets])
+                    blobs = [(g, b, part.partition, blob, n, part.next_offset - 1, i in part.deltas)
+                             for part in payload.partitions for i, (g, b, blob, n) in enumerate(part.buckets)]
+                    partials = self.write_partials(cur, payload.stream, [x[:6] for x in blobs if not x[6]])
+                    partials += self.write_deltas(cur, payload.stream, [x[:6] for x in blobs if x[6]])
                     lap("partials")
                 lap("commit")
             finally:
@@ -301,6 +312,29 @@ class StreamStore:
             "keys = EXCLUDED.keys, applied_offset = GREATEST(p.applied_offset, EXCLUDED.applied_offset), "
             f"updated_at = now() {guard}",
             [(stream, g, _ts(b), part, blob, n, applied) for g, b, part, blob, n, applied in blobs])
+        # the whole blob holds what its deltas did (fenced: those it has folded past)
+        cur.execute(
+            "DELETE FROM stream_partial_deltas d USING unnest(%s::text[], %s::timestamptz[], %s::int[], %s::bigint[]) "
+            "AS w(g, t, p, a) WHERE d.stream = %s AND d.granularity = w.g AND d.bucket_time = w.t "
+            f"AND d.partition = w.p {'AND d.applied_offset <= w.a' if fenced else ''}",
+            ([x[0] for x in blobs], [_ts(x[1]) for x in blobs], [x[2] for x in blobs], [x[5] for x in blobs],
+             stream))
+        return len(blobs)
+
+    def write_deltas(self, cur: psycopg.Cursor, stream: str,
+                     blobs: Sequence[tuple[str, int, int, bytes, int, int]]) -> int:
+        """Insert delta blobs (changed states only), same tuples as `write_partials`.
+
+        Keyed by applied offset: a retried flush rewrites its own delta. Stale ones cannot
+        land: the offsets written first in the same transaction fence the partition."""
+        if not blobs:
+            return 0
+        cur.executemany(
+            "INSERT INTO stream_partial_deltas AS d (stream, granularity, bucket_time, partition, applied_offset, "
+            "states, keys, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s, now()) "
+            "ON CONFLICT (stream, granularity, bucket_time, partition, applied_offset) DO UPDATE SET "
+            "states = EXCLUDED.states, keys = EXCLUDED.keys, updated_at = now()",
+            [(stream, g, _ts(b), part, applied, blob, n) for g, b, part, blob, n, applied in blobs])
         return len(blobs)
 
     def _advance_offsets(self, cur: psycopg.Cursor, payload: FlushPayload) -> None:
@@ -543,6 +577,29 @@ def _copy_blocks(cur: psycopg.Cursor, table: str, blocks: Sequence[RowBlock]) ->
             copy.write(chunk)
 
 
+# Every stored blob of a stream with its deltas, ordered by `seq` within a (bucket,
+# partition): the whole blob first (-1), then the deltas by applied offset.
+_WITH_DELTAS = (
+    "SELECT stream, granularity, bucket_time, partition, states, -1::bigint AS seq FROM stream_partials "
+    "UNION ALL SELECT stream, granularity, bucket_time, partition, states, applied_offset FROM stream_partial_deltas")
+
+
+@dataclass
+class StoredBucket:
+    """A (partition, bucket)'s stored states: its blob with the deltas applied, and how many."""
+
+    items: list[tuple[str, str, str, bytes]]
+    deltas: int
+
+
+def overlay(base: list[tuple[str, str, str, bytes]], delta: list[tuple[str, str, str, bytes]],
+            ) -> list[tuple[str, str, str, bytes]]:
+    """`base` with each (metric, dimension, value) in `delta` replaced by (or added as) delta's state."""
+    out = {(m, d, v): data for m, d, v, data in base}
+    out.update(((m, d, v), data) for m, d, v, data in delta)
+    return [(m, d, v, data) for (m, d, v), data in out.items()]
+
+
 def read_bucket_states(cur: psycopg.Cursor, stream: str, buckets: Sequence[BucketId],
                        partitions: Sequence[int] | None = None,
                        skip: Sequence[tuple[str, int, int]] = ()) -> dict[tuple[Key, int], AggState]:
@@ -551,12 +608,14 @@ def read_bucket_states(cur: psycopg.Cursor, stream: str, buckets: Sequence[Bucke
     `skip` lists (granularity, bucket, partition) blobs the caller already holds.
     """
     parts = None if partitions is None else list(partitions)
+    # each blob, then its deltas in order: a later state of a key replaces an earlier one
     cur.execute(
-        "SELECT p.granularity, p.bucket_time, p.partition, p.states FROM stream_partials p "
+        f"SELECT p.granularity, p.bucket_time, p.partition, p.states FROM ({_WITH_DELTAS}) p "
         "JOIN unnest(%s::text[], %s::timestamptz[]) AS b(g, t) ON p.granularity = b.g AND p.bucket_time = b.t "
         "WHERE p.stream = %s AND (%s::int[] IS NULL OR p.partition = ANY(%s::int[])) "
         "AND NOT EXISTS (SELECT 1 FROM unnest(%s::text[], %s::timestamptz[], %s::int[]) AS s(g, t, p) "
-        "WHERE s.g = p.granularity AND s.t = p.bucket_time AND s.p = p.partition) ORDER BY p.partition",
+        "WHERE s.g = p.granularity AND s.t = p.bucket_time AND s.p = p.partition) "
+        "ORDER BY p.partition, p.granularity, p.bucket_time, p.seq",
         ([g for g, _ in buckets], [_ts(b) for _, b in buckets], stream, parts, parts,
          [g for g, _, _ in skip], [_ts(b) for _, b, _ in skip], [p for _, _, p in skip]))
     out: dict[tuple[Key, int], AggState] = {}

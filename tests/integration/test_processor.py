@@ -321,3 +321,75 @@ def test_a_fold_queued_during_a_snapshot_waits_for_its_blobs(database_url: str) 
         shell.writer.shutdown(wait=True)
         shell.processor.reader.close()
         shell.store.close()
+
+
+def _assert_same_states(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k, s in want.items():
+        t = got[k]
+        assert (t.count, t.sum, t.min, t.max, t.applied_offset) == (s.count, s.sum, s.min, s.max, s.applied_offset), k
+        assert (t.digest is None) == (s.digest is None), k
+        if s.digest is not None:
+            assert [t.quantile(q) for q in (0.5, 0.95, 0.99)] == pytest.approx(
+                [s.quantile(q) for q in (0.5, 0.95, 0.99)], rel=1e-9), k
+
+
+def test_late_events_write_deltas_that_every_reader_applies(database_url: str) -> None:
+    """A flush that changed few states of a bucket whose blob is stored writes only those
+    (stream_partial_deltas). A worker loading the bucket, and the merge reading another
+    worker's partials, apply the deltas: both see the states of the memory that wrote
+    them. At MAX_DELTAS the whole blob is written again, and its deltas are deleted."""
+    from stream_agg.core.fold import PartitionState
+    from stream_agg.core.partition_state import MAX_DELTAS
+    from stream_agg.store.stream_state import read_bucket_states
+
+    migrate(database_url)
+    stream = "s:delta"
+    proc = _processor(database_url, stream)
+    offsets = {0: 0, 1: 0}
+
+    def send(evs: list, per: int = 50) -> None:
+        msgs = []
+        for p in (0, 1):
+            mine = evs[p::2]
+            for i in range(0, len(mine), per):
+                msgs.append(Message(p, offsets[p], b"[" + b",".join(encode_event(e) for e in mine[i:i + per]) + b"]"))
+                offsets[p] += 1
+        proc.process(msgs)
+        proc.flush()
+
+    def deltas() -> dict[tuple, int]:
+        with psycopg.connect(database_url) as conn:
+            return {(g, int(t.timestamp()), p): n for g, t, p, n in conn.execute(
+                "SELECT granularity, bucket_time, partition, count(*) FROM stream_partial_deltas "
+                "GROUP BY 1, 2, 3")}
+
+    try:
+        send(make_events(2000, seed=71, hours=6))
+        assert deltas() == {}
+        seen_max, rewritten, before = 0, False, {}
+        for r in range(MAX_DELTAS + 3):
+            send(make_events(6, seed=100 + r, hours=1))  # late: into the first hour, its day and week
+            now = deltas()
+            assert now and max(now.values()) <= MAX_DELTAS
+            seen_max = max(seen_max, max(now.values()))
+            rewritten |= any(now.get(k, 0) < n for k, n in before.items())
+            before = now
+            for p in (0, 1):
+                mine = proc.contexts[p].pstate
+                buckets = sorted(mine.buckets)
+                stored = proc.reader.load_bucket_items(stream, {p: buckets})
+                again = PartitionState(proc.registry)
+                for b in buckets:
+                    again.load_bucket(b, stored[(p, b)].items)
+                _assert_same_states(again.states, mine.states)
+                assert {b: stored[(p, b)].deltas for b in buckets} == {
+                    b: now.get((b[0], b[1], p), 0) for b in buckets}
+            with psycopg.connect(database_url) as conn, conn.cursor() as cur:
+                read = read_bucket_states(cur, stream, sorted(proc.contexts[0].pstate.buckets))
+            for p in (0, 1):
+                _assert_same_states({k: s for (k, q), s in read.items() if q == p}, proc.contexts[p].pstate.states)
+        assert seen_max == MAX_DELTAS and rewritten  # the whole blob again, its deltas gone
+    finally:
+        proc.reader.close()
+        proc.store.close()

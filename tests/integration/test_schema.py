@@ -30,7 +30,8 @@ def test_migrate_twice_is_a_noop(database_url: str) -> None:
     assert _catalog(database_url) == first
     assert current_version(database_url) == 2
     tables = {r[0] for r in first if len(r) == 4}
-    assert {"metrics_aggregates", "traces", "spans", "stream_partials", "stream_offsets", "stream_cap_cuts"} <= tables
+    assert {"metrics_aggregates", "traces", "spans", "stream_partials", "stream_offsets", "stream_cap_cuts",
+            "stream_partial_deltas"} <= tables
     names = {r[0] for r in first if len(r) == 2}
     assert "metrics_aggregates_dashboard_idx" in names and "metrics_aggregates_bucket_key" in names
 

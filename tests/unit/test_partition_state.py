@@ -221,3 +221,62 @@ def test_a_loaded_blob_restores_every_state_and_the_cap() -> None:
 
     assert all(kept(again, s) == kept(ps, s) for s in ps.kept)
     assert again.max_applied == ps.max_applied and not again.has_changes()
+
+
+def _items(blob: bytes) -> dict[tuple[str, str, str], bytes]:
+    return {(m, d, v): data for m, d, v, data in decode_bucket_items(blob)}
+
+
+def test_a_delta_over_the_stored_blob_gives_the_bucket_as_its_whole_blob() -> None:
+    """What a flush writes for a bucket whose whole blob is stored and few of whose states
+    changed (late events): only those states, which over the stored blob (`overlay`, as
+    every reader applies them) give exactly the blob of the whole bucket."""
+    import msgspec
+
+    from stream_agg.core.cardinality import cap_hash
+    from stream_agg.core.partition_state import DELTA_SHARE, MAX_DELTAS
+    from stream_agg.store.stream_state import overlay
+
+    reg = default_registry({"user": 20})
+    events = make_events(3000, seed=21, hours=6, users=60)
+    ps = PartitionState(reg)
+    fold_events(ps, events, np.arange(3000))
+    first = ps.take_changes()
+    assert all(part is None for _, part in ps.blob_plan(first, {}))  # nothing stored yet
+    # every state of every bucket changed: whole blobs even over stored ones
+    assert all(part is None for _, part in ps.blob_plan(first, dict.fromkeys(ps.buckets, 0)))
+    stored = {b: ps.encode_bucket(b)[0] for b in sorted(ps.buckets)}
+
+    late = [e for e in events if e.started_at < events[0].started_at][:6]  # a few events of early hours
+    fold_events(ps, late, np.arange(3000, 3000 + len(late)))
+    changes = ps.take_changes()
+    changed = ps.keys_of(changes)
+    plan = ps.blob_plan(changes, dict.fromkeys(stored, 0))
+    assert {b for b, _ in plan} == changes.buckets()
+    deltas = [(b, part) for b, part in plan if part is not None]
+    assert any(b[0] == "hour" for b, _ in deltas)
+    sizes = ps.bucket_sizes(list(stored))
+    for b, part in plan:
+        mine = {k for k in changed if (k[0], k[1]) == b}
+        if part is None:
+            assert len(mine) * DELTA_SHARE > sizes[b]
+            continue
+        blob, n = ps.encode_keys(part)
+        delta = _items(blob)
+        assert n == len(mine) and {(b[0], b[1], *k) for k in delta} == mine
+        whole = overlay(decode_bucket_items(stored[b]), decode_bucket_items(blob))
+        assert dict(((m, d, v), x) for m, d, v, x in whole) == _items(ps.encode_bucket(b)[0])
+    # too many deltas stacked already, or no stored blob: whole blobs
+    assert all(part is None for _, part in ps.blob_plan(changes, dict.fromkeys(stored, MAX_DELTAS)))
+    assert all(part is None for _, part in ps.blob_plan(changes, {}))
+
+    # a value the cap pushes out of a bucket (a delta cannot say "gone"): that bucket whole
+    b0 = min(b for b in stored if b[0] == "hour")
+    kept = [k[4] for k in ps.states if (k[0], k[1], k[3]) == (*b0, "user") and k[4] != OTHER]
+    small = next(v for v in (f"new-{i}" for i in range(10_000)) if cap_hash(v) < min(map(cap_hash, kept)))
+    e = next(e for e in events if e.user_id is not None and e.started_at == min(x.started_at for x in events))
+    fold_events(ps, [msgspec.structs.replace(e, user_id=small)], np.array([4000]))
+    changes = ps.take_changes()
+    assert any((k[0], k[1]) == b0 for k in changes.removed)
+    plan = dict(ps.blob_plan(changes, dict.fromkeys(stored, 0)))
+    assert plan[b0] is None
