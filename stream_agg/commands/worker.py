@@ -73,4 +73,7 @@ def run_worker(config: object, topic_partitions: int | None = None) -> None:
                           redirect_stdouts=False, quiet=True)
     for noisy in ("aiokafka", "kafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from stream_agg.kafka.gc_tuning import tune_gc
+
+    tune_gc()
     worker.execute_from_commandline()

@@ -33,6 +33,7 @@ from stream_agg.core.fold import Columns, event_times, to_columns
 from stream_agg.core.registry import Registry, default_registry
 from stream_agg.core.state_table import F64, I64
 from stream_agg.events import decode_message
+from stream_agg.kafka.gc_tuning import tune_gc
 from stream_agg.store import archive_copy
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ def _init_helper(registry: Registry) -> None:
     """In the helper: the worker's registry; die with the worker; leave signals to the worker."""
     global _REGISTRY
     _REGISTRY = registry
+    tune_gc()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the worker decides
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the worker shuts the pool down itself
     if sys.platform.startswith("linux"):  # SIGKILL of the worker must not leave the helper behind

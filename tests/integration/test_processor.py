@@ -120,6 +120,22 @@ def test_helper_process_results_and_its_death() -> None:
     asyncio.run(asyncio.wait_for(run(), timeout=60))
 
 
+def test_the_decode_helper_collects_garbage_less_often() -> None:
+    """The helper runs with the worker's GC settings (`gc_tuning`): young collections every
+    50,000 allocations, start-up objects frozen. The worker command applies the same."""
+    import gc
+
+    from stream_agg.kafka.gc_tuning import THRESHOLDS
+
+    pool = DecodePool(default_registry({"user": 1000}), archive=False)
+    try:
+        assert pool._pool is not None
+        assert pool._pool.submit(gc.get_threshold).result(60) == THRESHOLDS != gc.get_threshold()
+        assert pool._pool.submit(gc.get_freeze_count).result(60) > 0
+    finally:
+        pool.close()
+
+
 def test_a_hung_helper_is_given_up_after_the_timeout() -> None:
     msgs = _batches()[0]
 
