@@ -71,6 +71,9 @@ def run_worker(config: object, topic_partitions: int | None = None) -> None:
         log.info("metrics on http://0.0.0.0:%d/metrics", shell.config.metrics_port)
     worker = faust.Worker(shell.app, loglevel=shell.config.log_level, override_logging=False,
                           redirect_stdouts=False, quiet=True)
+    # Faust always makes a progress spinner, whose finish() writes a "show cursor" escape
+    # (ESC [?25h) to stdout even when that is a log file; the worker logs, it does not spin.
+    worker.spinner = None
     for noisy in ("aiokafka", "kafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from stream_agg.kafka.gc_tuning import tune_gc

@@ -117,6 +117,7 @@ def test_replay_restores_rows_written_by_the_worker(config: Config, tmp_path: Pa
         messages = produce_timestamped(cfg.kafka_bootstrap, cfg.topic, ordered)
         wait_consumed(cfg, messages, proc, log_path)
     assert proc.returncode == 0, log_path.read_text()[-3000:]
+    assert "\x1b[" not in log_path.read_text()  # no terminal escapes (Faust's spinner) in the log
     before = rows(cfg.database_url)
     in_week = {k: r for k, r in before.items() if WEEK[0] <= k[1] < WEEK[1]}
     assert in_week and any(k[4] == "__other__" for k in in_week)
