@@ -113,9 +113,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("group_id", str, "stream-agg", "Consumer group (and Faust app id) of the workers"),
     Setting("partitions", _positive(int), "8", "Partitions created for the topic if it does not exist"),
     Setting("flush_interval", _positive(_parse_duration), "5s",
-            "How often changed buckets are upserted (under load: at least twice the last flush's duration; "
-            "at the end of a backlog, i.e. every partition folded to its high watermark, or after 1 s "
-            "without messages: at once, at most one flush a second)"),
+            "How often changed buckets are upserted, counted from when the worker gets its first "
+            "partitions (under load: at least twice the last flush's duration; at the end of a backlog, "
+            "i.e. every partition folded to its high watermark, or after 1 s without messages: at once, "
+            "at most one flush a second)"),
     Setting("grace", _non_negative(_parse_duration), "60s", "A bucket closes when the watermark passes end + grace"),
     Setting("out_of_orderness", _non_negative(_parse_duration), "30s",
             "Allowed disorder: watermark = max event time seen - this"),

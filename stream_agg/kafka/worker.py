@@ -269,6 +269,11 @@ class WorkerShell:
                      {tp.partition: o for tp, o in sorted(offsets.items())}, self.processor.topic_partitions)
 
     async def _assign(self, parts: set[int]) -> None:
+        if parts and not self.processor.contexts:
+            # The first flush interval starts with the first partitions, not at start-up: a
+            # worker that took seconds to join would otherwise flush a sliver of its backlog
+            # right away, and rewrite those buckets' rows again at the next flush.
+            self.last_flush = time.monotonic()
         delay = 1.0
         while True:
             try:
