@@ -423,6 +423,8 @@ class WorkerShell:
                 continue
             if await self._run(self.processor.has_work, time.time()):
                 self._flush_soon("timer")
+            else:
+                self.backlog.flushing()  # a flush covered the backlog's end already: nothing is due
 
     def _backlog_ended(self) -> bool:
         """A backlog has just been folded to the end of what Kafka held at its last fetch.

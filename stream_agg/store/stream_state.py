@@ -46,6 +46,7 @@ from stream_agg.core.cardinality import CAP_HASH_SQL
 from stream_agg.core.fold import BucketId, Key
 from stream_agg.core.global_cap import Cut, Scope, cap_states
 from stream_agg.core.merged_rows import RowBlock, blocks_from_states
+from stream_agg.core.partition_state import MAX_DELTAS
 from stream_agg.core.registry import OTHER
 from stream_agg.core.state_table import HOUR, member_of_sorted
 from stream_agg.store import rows_copy
@@ -231,20 +232,26 @@ class StreamStore:
         try:
             with self.conn().transaction(), self.conn().cursor() as cur:
                 cur.execute(
-                    f"SELECT s.partition, s.granularity, s.bucket_time, s.states FROM ({_WITH_DELTAS}) s "
+                    f"SELECT s.partition, s.granularity, s.bucket_time, s.states, s.seq FROM ({_WITH_DELTAS}) s "
                     "JOIN unnest(%s::int[], %s::text[], %s::timestamptz[]) AS w(p, g, t) "
                     "ON s.partition = w.p AND s.granularity = w.g AND s.bucket_time = w.t WHERE s.stream = %s "
                     "ORDER BY s.partition, s.granularity, s.bucket_time, s.seq",
                     ([p for p, _, _ in pairs], [g for _, g, _ in pairs], [_ts(b) for _, _, b in pairs], stream))
                 out: dict[tuple[int, BucketId], StoredBucket] = {}
-                for p, g, t, blob in cur.fetchall():
+                for p, g, t, blob, seq in cur.fetchall():
                     key = (int(p), (g, int(t.timestamp())))
                     items = decode_bucket_items(bytes(blob))
                     have = out.get(key)
-                    if have is None:
+                    if have is not None:
+                        out[key] = StoredBucket(overlay(have.items, items), have.deltas + 1)
+                    elif seq < 0:
                         out[key] = StoredBucket(items, 0)
                     else:
-                        out[key] = StoredBucket(overlay(have.items, items), have.deltas + 1)
+                        # deltas without their blob (someone deleted stream_partials rows): keep
+                        # what they hold, and have the next flush write the whole blob
+                        log.warning("partition=%s bucket=%s %s: deltas without a stored blob; the next "
+                                    "flush rewrites the whole blob", p, g, t.isoformat())
+                        out[key] = StoredBucket(items, MAX_DELTAS)
                 return out
         except psycopg.Error:
             self._reset()

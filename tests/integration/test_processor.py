@@ -130,7 +130,7 @@ def test_the_decode_helper_collects_garbage_less_often() -> None:
     pool = DecodePool(default_registry({"user": 1000}), archive=False)
     try:
         assert pool._pool is not None
-        assert pool._pool.submit(gc.get_threshold).result(60) == THRESHOLDS != gc.get_threshold()
+        assert pool._pool.submit(gc.get_threshold).result(60) == THRESHOLDS
         assert pool._pool.submit(gc.get_freeze_count).result(60) > 0
     finally:
         pool.close()
@@ -350,29 +350,49 @@ def _assert_same_states(got: dict, want: dict) -> None:
                 [s.quantile(q) for q in (0.5, 0.95, 0.99)], rel=1e-9), k
 
 
-def test_late_events_write_deltas_that_every_reader_applies(database_url: str) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_late_events_write_deltas_that_every_reader_applies(database_url: str, workers: int) -> None:
     """A flush that changed few states of a bucket whose blob is stored writes only those
-    (stream_partial_deltas). A worker loading the bucket, and the merge reading another
-    worker's partials, apply the deltas: both see the states of the memory that wrote
-    them. At MAX_DELTAS the whole blob is written again, and its deltas are deleted."""
+    (stream_partial_deltas). Every reader applies them: a worker loading the bucket, the
+    merge reading another worker's partials (two workers, one partition each) and a
+    restarted worker; the rows stay those of numpy over every event, and the stored
+    states those of the memory that wrote them. At MAX_DELTAS the whole blob is written
+    again, and its deltas are deleted."""
+    from worker_support import assert_rows_match_events, fetch_rows
+
     from stream_agg.core.fold import PartitionState
     from stream_agg.core.partition_state import MAX_DELTAS
     from stream_agg.store.stream_state import read_bucket_states
 
     migrate(database_url)
     stream = "s:delta"
-    proc = _processor(database_url, stream)
-    offsets = {0: 0, 1: 0}
 
-    def send(evs: list, per: int = 50) -> None:
+    def owner(parts: set[int]) -> Processor:
+        config = load_config(env={}, database_url=database_url, metrics_port=0, archive=False)
+        proc = Processor(config, default_registry(config.cardinality_caps), StreamStore(database_url), Metrics(),
+                         stream)
+        proc.topic_partitions = 2
+        proc.assign(parts)
+        return proc
+
+    procs = [owner({0, 1})] if workers == 1 else [owner({0}), owner({1})]
+    held = {p: proc for proc in procs for p in proc.contexts}
+    registry = procs[0].registry
+    offsets = {0: 0, 1: 0}
+    sent: list = []
+
+    def send(evs: list, to: list[Processor], per: int = 50) -> None:
+        sent.extend(evs)
         msgs = []
         for p in (0, 1):
             mine = evs[p::2]
             for i in range(0, len(mine), per):
                 msgs.append(Message(p, offsets[p], b"[" + b",".join(encode_event(e) for e in mine[i:i + per]) + b"]"))
                 offsets[p] += 1
-        proc.process(msgs)
-        proc.flush()
+        for proc in to:
+            proc.process([m for m in msgs if m.partition in proc.contexts])
+            proc.flush()
+        assert_rows_match_events(fetch_rows(database_url), sent, registry)
 
     def deltas() -> dict[tuple, int]:
         with psycopg.connect(database_url) as conn:
@@ -381,31 +401,69 @@ def test_late_events_write_deltas_that_every_reader_applies(database_url: str) -
                 "GROUP BY 1, 2, 3")}
 
     try:
-        send(make_events(2000, seed=71, hours=6))
+        send(make_events(2000, seed=71, hours=6), procs)
         assert deltas() == {}
         seen_max, rewritten, before = 0, False, {}
         for r in range(MAX_DELTAS + 3):
-            send(make_events(6, seed=100 + r, hours=1))  # late: into the first hour, its day and week
+            send(make_events(6, seed=100 + r, hours=1), procs)  # late: into the first hour, its day and week
             now = deltas()
             assert now and max(now.values()) <= MAX_DELTAS
             seen_max = max(seen_max, max(now.values()))
             rewritten |= any(now.get(k, 0) < n for k, n in before.items())
             before = now
-            for p in (0, 1):
+            for p, proc in held.items():
                 mine = proc.contexts[p].pstate
                 buckets = sorted(mine.buckets)
                 stored = proc.reader.load_bucket_items(stream, {p: buckets})
-                again = PartitionState(proc.registry)
+                again = PartitionState(registry)
                 for b in buckets:
                     again.load_bucket(b, stored[(p, b)].items)
                 _assert_same_states(again.states, mine.states)
                 assert {b: stored[(p, b)].deltas for b in buckets} == {
-                    b: now.get((b[0], b[1], p), 0) for b in buckets}
+                    b: now.get((b[0], b[1], p), 0) for b in buckets} == {b: proc.contexts[p].stored[b] for b in buckets}
             with psycopg.connect(database_url) as conn, conn.cursor() as cur:
-                read = read_bucket_states(cur, stream, sorted(proc.contexts[0].pstate.buckets))
-            for p in (0, 1):
+                read = read_bucket_states(cur, stream, sorted(held[0].contexts[0].pstate.buckets))
+            for p, proc in held.items():
                 _assert_same_states({k: s for (k, q), s in read.items() if q == p}, proc.contexts[p].pstate.states)
         assert seen_max == MAX_DELTAS and rewritten  # the whole blob again, its deltas gone
     finally:
-        proc.reader.close()
-        proc.store.close()
+        for proc in procs:
+            proc.reader.close()
+            proc.store.close()
+    # a restarted worker loads the blobs with their deltas, and stacks its own on them
+    again = owner({0, 1})
+    try:
+        send(make_events(6, seed=99, hours=1), [again])
+        loaded = deltas()
+        for p, ctx in again.contexts.items():
+            assert ctx.stored and all(ctx.stored[b] == loaded.get((b[0], b[1], p), 0) for b in ctx.stored)
+    finally:
+        again.reader.close()
+        again.store.close()
+
+
+def test_deltas_without_their_blob_load_as_due_for_a_whole_blob(database_url: str) -> None:
+    """Deltas whose stream_partials row is gone (deleted by hand) are not taken for a whole
+    blob: what they hold loads, and the bucket counts as MAX_DELTAS deep, so the next flush
+    writes it whole instead of stacking more deltas on nothing."""
+    from stream_agg.core.aggstate import AggState, encode_bucket
+    from stream_agg.core.partition_state import MAX_DELTAS
+
+    migrate(database_url)
+    store = StreamStore(database_url)
+    bucket = ("hour", 1_700_000_000 // 3600 * 3600)
+    base = encode_bucket([("m", "user", v, AggState.from_values([1.0], True, 3)) for v in ("a", "b")])
+    delta = encode_bucket([("m", "user", "b", AggState.from_values([1.0, 2.0], True, 7))])
+    try:
+        with store.conn().transaction(), store.conn().cursor() as cur:
+            store.write_partials(cur, "s:orphan", [(*bucket, 0, base, 2, 3)])
+            store.write_deltas(cur, "s:orphan", [(*bucket, 0, delta, 1, 7)])
+        both = store.load_bucket_items("s:orphan", {0: [bucket]})[(0, bucket)]
+        assert both.deltas == 1 and [(v, x) for _, _, v, x in both.items] == [
+            ("a", decode_bucket_items(base)[0][3]), ("b", decode_bucket_items(delta)[0][3])]
+        with store.conn().transaction():
+            store.conn().execute("DELETE FROM stream_partials WHERE stream = 's:orphan'")
+        orphan = store.load_bucket_items("s:orphan", {0: [bucket]})[(0, bucket)]
+        assert orphan.deltas == MAX_DELTAS and orphan.items == decode_bucket_items(delta)
+    finally:
+        store.close()
