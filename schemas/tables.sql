@@ -73,9 +73,9 @@ CREATE TABLE IF NOT EXISTS stream_partial_deltas (
 	granularity TEXT NOT NULL, 
 	bucket_time TIMESTAMP WITH TIME ZONE NOT NULL, 
 	partition INTEGER NOT NULL, 
-	applied_offset BIGINT NOT NULL, 
 	states BYTEA NOT NULL, 
 	keys INTEGER NOT NULL, 
+	applied_offset BIGINT NOT NULL, 
 	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
 	CONSTRAINT stream_partial_deltas_pkey PRIMARY KEY (stream, granularity, bucket_time, partition, applied_offset)
 );

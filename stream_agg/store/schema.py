@@ -35,14 +35,22 @@ metadata = MetaData()
 
 GRANULARITY_CHECK = "granularity IN ('hour', 'day', 'week')"
 
+
+def _scope_columns() -> list[Column]:
+    """(bucket, granularity, metric, dimension): the scope of a row's value, new objects per table."""
+    return [
+        Column("bucket_time", DateTime(timezone=True), nullable=False),
+        Column("granularity", Text, nullable=False),
+        Column("metric_name", Text, nullable=False),
+        Column("dimension_type", Text, nullable=False),
+    ]
+
+
 metrics_aggregates = Table(
     "metrics_aggregates",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
-    Column("bucket_time", DateTime(timezone=True), nullable=False),
-    Column("granularity", Text, nullable=False),
-    Column("metric_name", Text, nullable=False),
-    Column("dimension_type", Text, nullable=False),
+    *_scope_columns(),
     Column("dimension_value", Text, nullable=False),
     Column("count", BigInteger, nullable=False),
     Column("sum_value", Double, nullable=False),
@@ -108,17 +116,24 @@ Index("spans_kind_started_at_idx", spans.c.kind, spans.c.started_at)
 # stream_agg/store/stream_state.py for why that gives an exactly-once effect). One row
 # per bucket rather than per key: a flush then writes hundreds of rows, not hundreds of
 # thousands.
+def _blob_columns() -> list[Column]:
+    """The columns of a (stream, bucket, partition) blob row, new objects for each table."""
+    return [
+        Column("stream", Text, nullable=False),
+        Column("granularity", Text, nullable=False),
+        Column("bucket_time", DateTime(timezone=True), nullable=False),
+        Column("partition", Integer, nullable=False),
+        Column("states", LargeBinary, nullable=False),
+        Column("keys", Integer, nullable=False),
+        Column("applied_offset", BigInteger, nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    ]
+
+
 stream_partials = Table(
     "stream_partials",
     metadata,
-    Column("stream", Text, nullable=False),
-    Column("granularity", Text, nullable=False),
-    Column("bucket_time", DateTime(timezone=True), nullable=False),
-    Column("partition", Integer, nullable=False),
-    Column("states", LargeBinary, nullable=False),
-    Column("keys", Integer, nullable=False),
-    Column("applied_offset", BigInteger, nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    *_blob_columns(),
     PrimaryKeyConstraint("stream", "granularity", "bucket_time", "partition", name="stream_partials_pkey"),
 )
 
@@ -131,14 +146,7 @@ stream_partials = Table(
 stream_partial_deltas = Table(
     "stream_partial_deltas",
     metadata,
-    Column("stream", Text, nullable=False),
-    Column("granularity", Text, nullable=False),
-    Column("bucket_time", DateTime(timezone=True), nullable=False),
-    Column("partition", Integer, nullable=False),
-    Column("applied_offset", BigInteger, nullable=False),
-    Column("states", LargeBinary, nullable=False),
-    Column("keys", Integer, nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    *_blob_columns(),
     PrimaryKeyConstraint("stream", "granularity", "bucket_time", "partition", "applied_offset",
                          name="stream_partial_deltas_pkey"),
 )
@@ -162,10 +170,7 @@ stream_offsets = Table(
 stream_cap_cuts = Table(
     "stream_cap_cuts",
     metadata,
-    Column("bucket_time", DateTime(timezone=True), nullable=False),
-    Column("granularity", Text, nullable=False),
-    Column("metric_name", Text, nullable=False),
-    Column("dimension_type", Text, nullable=False),
+    *_scope_columns(),
     Column("cap_hash", BigInteger, nullable=False),
     Column("cap_value", Text, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
