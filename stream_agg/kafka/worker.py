@@ -410,14 +410,14 @@ class WorkerShell:
     async def _flush_loop(self) -> None:
         """Flush on the interval even when no messages arrive (closes idle buckets)."""
         while not self.stopping:
-            running = self.flush_task
-            if running is not None and not running.done():
-                await asyncio.wait([running], timeout=TICK)  # check again as soon as it ends
+            if self._flushing():
+                assert self.flush_task is not None
+                await asyncio.wait([self.flush_task], timeout=TICK)  # check again as soon as it ends
             else:
                 await asyncio.sleep(min(TICK, self.config.flush_interval / 2))
             self._update_lag()
             idle = time.monotonic() - self.last_batch >= IDLE_AFTER or self._backlog_ended()
-            if self.stopping or (self.flush_task is not None and not self.flush_task.done()):
+            if self.stopping or self._flushing():
                 continue
             if time.monotonic() - self.last_flush < self._next_delay(idle):
                 continue
@@ -451,9 +451,13 @@ class WorkerShell:
         # than about a third of the time, and rows are still at most a few flushes old.
         return max(self.config.flush_interval, 2.0 * self.last_flush_seconds)
 
+    def _flushing(self) -> bool:
+        """A background flush (`_flush_soon`) is running."""
+        return self.flush_task is not None and not self.flush_task.done()
+
     def _flush_soon(self, reason: str) -> None:
         """Start a flush in the background unless one is running (folding does not wait for it)."""
-        if self.flush_task is None or self.flush_task.done():
+        if not self._flushing():
             self.last_flush = time.monotonic()
             self.flush_task = asyncio.ensure_future(self._flush(reason=reason))
 

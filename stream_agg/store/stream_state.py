@@ -19,8 +19,8 @@ One flush transaction, for all partitions this worker owns:
 
 The partials go last so that compressing them (zstd, on a thread of its own: it releases
 the GIL) overlaps PostgreSQL's work on steps 1-3 instead of adding to the flush: ~1.8 s
-of zlib (as it was then) per million events was on the flush's critical path. The order inside the
-transaction changes nothing: other workers wait on the bucket locks until commit, and
+of zlib (as it was then) per million events was on the flush's critical path. The order
+inside the transaction changes nothing: other workers wait on the bucket locks until commit, and
 the partials this flush writes are of buckets in this worker's memory, which step 3
 takes from memory, never from the table.
 """
@@ -286,10 +286,14 @@ class StreamStore:
                     lap("rows")
                     compressing.result()
                     lap("compress")  # what is left of it once PostgreSQL is done
-                    blobs = [(g, b, part.partition, blob, n, part.next_offset - 1, i in part.deltas)
-                             for part in payload.partitions for i, (g, b, blob, n) in enumerate(part.buckets)]
-                    partials = self.write_partials(cur, payload.stream, [x[:6] for x in blobs if not x[6]])
-                    partials += self.write_deltas(cur, payload.stream, [x[:6] for x in blobs if x[6]])
+                    whole: list[tuple[str, int, int, bytes, int, int]] = []
+                    deltas: list[tuple[str, int, int, bytes, int, int]] = []
+                    for part in payload.partitions:
+                        for i, (g, b, blob, n) in enumerate(part.buckets):
+                            (deltas if i in part.deltas else whole).append(
+                                (g, b, part.partition, blob, n, part.next_offset - 1))
+                    partials = self.write_partials(cur, payload.stream, whole)
+                    partials += self.write_deltas(cur, payload.stream, deltas)
                     lap("partials")
                 lap("commit")
             finally:
