@@ -46,7 +46,7 @@ from stream_agg.events import TraceEvent, decode_message
 from stream_agg.ops.backfill import OpsError, coarsest, iso, widen
 from stream_agg.store import backfill_sql as q
 from stream_agg.store.db import connect
-from stream_agg.store.stream_state import StreamStore, bucket_lock_id, read_bucket_states
+from stream_agg.store.stream_state import StreamStore, lock_buckets, read_bucket_states
 
 log = logging.getLogger(__name__)
 
@@ -225,8 +225,7 @@ def write_replay(conn: psycopg.Connection, url: str, stream: str, plan: ReplayPl
     grans = [g for g, _ in buckets]
     times = [to_datetime(b) for _, b in buckets]
     with conn.transaction(), conn.cursor() as cur:
-        for lock in sorted({bucket_lock_id(g, b) for g, b in buckets}):
-            cur.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+        lock_buckets(cur, buckets)
         # Each (partition, bucket) blob keeps its other metrics' states and gets the replayed
         # states of the selected metrics in place of the stored ones.
         wanted = set(metrics)
