@@ -96,6 +96,13 @@ def merged_rows(pstates: Sequence[PartitionState], buckets: Collection[BucketId]
 def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketId],
                   changed: Sequence[Mapping[TableId, I64]] | None = None,
                   also: Collection[Key] = (), cuts: dict[Scope, Cut] | None = None) -> list[RowBlock]:
+    """`iter_merged_blocks` as a list."""
+    return list(iter_merged_blocks(pstates, buckets, changed, also, cuts))
+
+
+def iter_merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketId],
+                       changed: Sequence[Mapping[TableId, I64]] | None = None,
+                       also: Collection[Key] = (), cuts: dict[Scope, Cut] | None = None) -> Iterator[RowBlock]:
     """Merged rows of `buckets` across `pstates`: every key held, or only the keys in `changed`
     and `also`.
 
@@ -106,7 +113,8 @@ def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketI
     (digests merge in that order, so the same partials always give the same bytes).
     Capped dimensions are capped again over the union of the partitions (`global_cap`);
     `cuts` gets the cut of each written scope holding at least its cap's number of values
-    (the writer deletes the rows past it). Nothing in the live states is changed.
+    (the writer deletes the rows past it) as each table is merged. Nothing in the live
+    states is changed; the live states must not change either until the last block is taken.
     """
     cuts = {} if cuts is None else cuts
     wanted: dict[str, list[int]] = {}
@@ -126,7 +134,6 @@ def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketI
         if key[0] in hours:
             extra.setdefault((key[0], key[2], key[3]), []).append(key)
             tids[(key[0], key[2], key[3])] = None
-    blocks = []
     for tid in tids:
         more = None
         if tid in extra:
@@ -137,8 +144,7 @@ def merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[BucketI
         block = _table_block(pstates, tid, hours[tid[0]], glob, trans,
                              None if changed is None else [c.get(tid) for c in changed], more, cuts)
         if block is not None:
-            blocks.append(block)
-    return blocks
+            yield block
 
 
 def _translation(ps_index: int, ps: PartitionState, dim: str, glob: dict[str, Interner],

@@ -17,7 +17,7 @@ import logging
 import os
 import time
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 from stream_agg.config import Config
 from stream_agg.core.buckets import GRANULARITIES, SPAN
 from stream_agg.core.fold import BucketId, Columns, PartitionState, fold
-from stream_agg.core.merged_rows import merged_blocks
+from stream_agg.core.merged_rows import RowBlock, iter_merged_blocks
 from stream_agg.core.partition_state import BlobPart, Changes
 from stream_agg.core.registry import Registry
 from stream_agg.core.watermark import Watermark, WatermarkPolicy
@@ -34,7 +34,7 @@ from stream_agg.events import decode_message, encode_event
 from stream_agg.kafka.decode_pool import DecodedPart, decode_partition
 from stream_agg.observability import Metrics
 from stream_agg.store import archive_copy
-from stream_agg.store.stream_state import BlobFeed, FlushPayload, FlushReport, PartitionFlush, StreamStore
+from stream_agg.store.stream_state import BlobFeed, FlushPayload, FlushReport, PartitionFlush, RowFeed, StreamStore
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ class Snapshot:
     # the partial blobs still to encode: (flush entry, its partition's state, what to write per bucket)
     unencoded: list[tuple[PartitionFlush, PartitionState, list[tuple[BucketId, BlobPart]]]] = field(
         default_factory=list)
+    unmerged: Iterator[RowBlock] | None = None  # the rows still to merge into the payload's RowFeed
+    merge_seconds: float = 0.0
     encode_seconds: float = 0.0
 
 
@@ -345,9 +347,11 @@ class Processor:
         Runs on the processing thread; the copy lets `StreamStore.flush` run on another
         thread while folding goes on. `commit` or `rollback` must follow.
 
-        With `encode=False` the partial blobs are left to `encode`, which must then run on
-        this thread before anything is folded: the worker queues it right behind, so the
-        writer starts on the rows (PostgreSQL's longest step) while the blobs are encoded.
+        With `encode=False` the merge of the rows and the partial blobs are left to
+        `finish`, which must then run on this thread before anything is folded: the worker
+        queues it right behind, and the writer starts COPYing rows as soon as the first
+        table is merged, then writes the rows (PostgreSQL's longest step) while the blobs
+        are encoded.
         """
         if self.poisoned:
             raise PoisonedError("in-memory state is inconsistent after an internal error; not flushing it "
@@ -368,19 +372,55 @@ class Processor:
             changes[p] = ch
             ctx.dirty = False
         payload = None
+        unmerged = None
         if parts or self.traces:
             payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, caps=dict(self.registry.caps))
-            self._rows_from_memory(payload, changes)
+            unmerged = self._rows_from_memory(payload, changes)
+            if encode:
+                payload.blocks = list(unmerged)
+                unmerged = None
+            else:
+                payload.blocks = RowFeed()
         snap = Snapshot(payload, closing, changes, self.unacked, self.pending_events, now,
-                        time.perf_counter() - began, unencoded)
+                        time.perf_counter() - began, unencoded, unmerged)
         self.traces, self.spans, self.unacked, self.pending_events, self.archive_bytes = [], [], [], 0, 0
         if encode:
             self.encode(snap)
         return snap
 
+    def finish(self, snap: Snapshot, feed: BlobFeed | None = None) -> None:
+        """Merge the rows of a `snapshot(encode=False)` into its payload's RowFeed, then encode
+        its partial blobs, handing each to `feed` as soon as it is made. On the processing
+        thread, before anything is folded (both read the live states)."""
+        try:
+            self.merge(snap)
+        except BaseException as exc:
+            if feed is not None:
+                feed.close(exc)  # the writer's compress thread must not wait for blobs forever
+            raise
+        self.encode(snap, feed)
+
+    def merge(self, snap: Snapshot) -> None:
+        """Merge the rows of a `snapshot(encode=False)` into its payload's RowFeed."""
+        unmerged, snap.unmerged = snap.unmerged, None
+        if unmerged is None or snap.payload is None:
+            return
+        rows = snap.payload.blocks
+        assert isinstance(rows, RowFeed)
+        began = time.perf_counter()
+        try:
+            for block in unmerged:
+                rows.put(block)
+        except BaseException as exc:
+            log.exception("merging the rows failed (partitions %s)",
+                          [part.partition for part in snap.payload.partitions])
+            rows.close(exc)
+            raise
+        rows.close()
+        snap.merge_seconds = time.perf_counter() - began
+
     def encode(self, snap: Snapshot, feed: BlobFeed | None = None) -> None:
-        """Encode the snapshot's partial blobs (on the processing thread, before any fold),
-        handing each to `feed` as soon as it is made."""
+        """Encode the snapshot's partial blobs, handing each to `feed` as soon as it is made."""
         began = time.perf_counter()
         try:
             for part, pstate, plan in snap.unencoded:
@@ -392,7 +432,7 @@ class Processor:
                         part.deltas.add(len(part.buckets))
                     part.buckets.append((bucket[0], bucket[1], blob, nkeys))
                     if feed is not None:
-                        feed.put(part, len(part.buckets) - 1)
+                        feed.put((part, len(part.buckets) - 1))
         except BaseException as exc:
             log.exception("encoding the partial blobs failed (partitions %s)",
                           [part.partition for part, _, _ in snap.unencoded])
@@ -472,8 +512,9 @@ class Processor:
         self.metrics.rows_upserted.inc(report.rows)
         self.metrics.archived_traces.inc(report.traces)
         log.info("flushed partitions=%s partials=%d rows=%d traces=%d events=%d in %.3fs (snapshot %.3fs "
-                 "encode %.3fs %s) rss=%s", [p.partition for p in snap.payload.partitions], report.partials,
-                 report.rows, report.traces, snap.pending_events, seconds, snap.seconds, snap.encode_seconds,
+                 "merge %.3fs encode %.3fs %s) rss=%s", [p.partition for p in snap.payload.partitions],
+                 report.partials, report.rows, report.traces, snap.pending_events, seconds, snap.seconds,
+                 snap.merge_seconds, snap.encode_seconds,
                  " ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()), _rss())
         return report
 
@@ -494,22 +535,24 @@ class Processor:
             return set()
         return {b for b in buckets if all(b in c.pstate.resident for c in self.contexts.values())}
 
-    def _rows_from_memory(self, payload: FlushPayload, changes: dict[int, Changes]) -> None:
-        """Fill in what the merge of the changed keys needs from memory.
+    def _rows_from_memory(self, payload: FlushPayload, changes: dict[int, Changes]) -> Iterator[RowBlock]:
+        """Fill in what the merge of the changed keys needs from memory; returns the merge of
+        the rows of buckets held for every partition of the topic, still to be run.
 
-        Buckets held for every partition of the topic are merged right here, vectorised
-        (`merged_blocks`; values only, nothing shared with the live states). For the
-        others, the changed keys and copies of this worker's states go along, and the
-        writer adds the other partitions' partials from PostgreSQL.
+        Those buckets are merged here, vectorised (`iter_merged_blocks`; values only,
+        nothing shared with the live states), table by table as the caller takes the
+        blocks. For the others, the changed keys and copies of this worker's states go
+        along, and the writer adds the other partitions' partials from PostgreSQL.
         """
         buckets = set().union(*(ch.buckets() for ch in changes.values()))
         ctxs = sorted(self.contexts.items())
         complete = self._complete_buckets(buckets)
+        unmerged: Iterator[RowBlock] = iter(())
         if complete:
             pstates = [c.pstate for _, c in ctxs]
             removed = {k for ch in changes.values() for k in ch.removed}
-            payload.blocks = merged_blocks(pstates, complete, [changes[p].tables if p in changes else {}
-                                                               for p, _ in ctxs], also=removed, cuts=payload.cuts)
+            unmerged = iter_merged_blocks(pstates, complete, [changes[p].tables if p in changes else {}
+                                                              for p, _ in ctxs], also=removed, cuts=payload.cuts)
             # pushed into __other__ everywhere: no partial is left, so the row goes (rows past
             # the cap over all partitions go by `payload.cuts`)
             payload.gone = sorted(k for k in removed if (k[0], k[1]) in complete
@@ -533,6 +576,7 @@ class Processor:
                     key = (g, b, m, d, v)
                     if key in changed or key[:4] in capped:
                         payload.memory.setdefault(key, []).append((p, state.copy()))
+        return unmerged
 
     def _update_gauges(self, now: float) -> None:
         m = self.metrics

@@ -512,15 +512,16 @@ class WorkerShell:
             return True
 
     async def _snapshot(self) -> Snapshot:
-        """Take a snapshot and queue the encoding of its blobs right behind it, ahead of any
-        fold: the writer starts on the rows meanwhile and waits for the blobs only before
-        the partials. The fold gate keeps a fold from being queued in between, which would
-        put events past the snapshot's offsets into its blobs."""
+        """Take a snapshot and queue the merge of its rows and the encoding of its blobs
+        right behind it (`Processor.finish`), ahead of any fold: the writer COPYs each
+        table's rows as it is merged, and waits for the blobs only before the partials.
+        The fold gate keeps a fold from being queued in between, which would put events
+        past the snapshot's offsets into its rows and blobs."""
         async with self.fold_gate:
             snap: Snapshot = await self._run(self.processor.snapshot, False)
             if snap.payload is not None:
                 snap.payload.encoded = BlobFeed()
-                self.executor.submit(self.processor.encode, snap, snap.payload.encoded)
+                self.executor.submit(self.processor.finish, snap, snap.payload.encoded)
         return snap
 
     def _update_lag(self) -> None:

@@ -32,12 +32,13 @@ import queue
 import time
 import zlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from itertools import chain
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import psycopg
@@ -55,6 +56,7 @@ from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
 from stream_agg.store.db import connect
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 
@@ -96,7 +98,8 @@ class FlushPayload:
     memory: dict[Key, list[tuple[int, AggState]]] = field(default_factory=dict)  # key -> (partition, state)
     resident: list[tuple[str, int, int]] = field(default_factory=list)
     complete: set[BucketId] = field(default_factory=set)  # buckets resident in every partition
-    blocks: list[RowBlock] = field(default_factory=list)  # rows of `complete` buckets, merged by the caller
+    # rows of `complete` buckets merged by the caller; a RowFeed while it is still merging them
+    blocks: list[RowBlock] | RowFeed = field(default_factory=list)
     gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets to delete
     caps: dict[str, int] = field(default_factory=dict)  # the registry's cardinality caps
     cuts: dict[Scope, Cut] = field(default_factory=dict)  # cut of each written scope at or over its cap (global_cap)
@@ -121,33 +124,53 @@ class FlushReport:
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the flush log line
 
 
-class BlobFeed:
-    """Partial blobs handed from the thread encoding them to the one compressing them, one
-    by one: a big flush encodes ~200 MB of raw blobs, and each is freed as soon as the
-    compress thread gets to it instead of after the last one is encoded. (Unbounded on
-    purpose: a bound would make the processing thread wait on the writer.)"""
+class Feed(Generic[T]):
+    """Items handed one by one from the thread making them to the thread writing them.
+
+    Unbounded on purpose: a bound would make the processing thread wait on the writer.
+    `close(error)` makes the reader raise, so a failure on the making side fails the
+    write instead of leaving it waiting."""
 
     _END = object()
 
-    def __init__(self) -> None:
+    def __init__(self, what: str) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._what = what
 
-    def put(self, part: PartitionFlush, index: int) -> None:
-        """`part.buckets[index]` is encoded."""
-        self._queue.put((part, index))
+    def put(self, item: T) -> None:
+        self._queue.put(item)
 
     def close(self, error: BaseException | None = None) -> None:
-        """Everything is encoded, or encoding failed with `error`."""
+        """Everything is made, or making it failed with `error`."""
         self._queue.put(self._END if error is None else error)
 
-    def __iter__(self) -> Iterator[tuple[PartitionFlush, int]]:
+    def __iter__(self) -> Iterator[T]:
         while True:
             item = self._queue.get()
             if item is self._END:
                 return
             if isinstance(item, BaseException):
-                raise RuntimeError("encoding the partial blobs failed") from item
+                raise RuntimeError(f"{self._what} failed") from item
             yield item
+
+
+class BlobFeed(Feed[tuple[PartitionFlush, int]]):
+    """Partial blobs, as (partition flush, index in its `buckets`), handed from the thread
+    encoding them to the one compressing them: a big flush encodes ~200 MB of raw blobs,
+    and each is freed as soon as the compress thread gets to it instead of after the last
+    one is encoded."""
+
+    def __init__(self) -> None:
+        super().__init__("encoding the partial blobs")
+
+
+class RowFeed(Feed[RowBlock]):
+    """Merged row blocks (one per table) handed from the processing thread to the writer as
+    each is merged: the writer COPYs them while the next are merged, instead of waiting for
+    the whole merge (~1 s for the last flush of a backlog, with nothing else left to do)."""
+
+    def __init__(self) -> None:
+        super().__init__("merging the rows")
 
 
 def compress_blobs(payload: FlushPayload) -> None:
@@ -315,7 +338,8 @@ class StreamStore:
                     lap("archive")
                     rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
                                                      payload.resident, payload.blocks, payload.gone,
-                                                     payload.caps, payload.cuts)
+                                                     payload.caps, payload.cuts, payload.complete)
+                    payload.blocks = []  # written (a RowFeed is read once)
                     lap("rows")
                     compressing.result()
                     lap("compress")  # what is left of it once PostgreSQL is done
@@ -424,8 +448,9 @@ class StreamStore:
     def merge_rows(self, cur: psycopg.Cursor, stream: str, keys: set[Key],
                    memory: dict[Key, list[tuple[int, AggState]]] | None = None,
                    resident: list[tuple[str, int, int]] | None = None,
-                   blocks: Sequence[RowBlock] = (), gone: Sequence[Key] = (),
-                   caps: Mapping[str, int] | None = None, cuts: dict[Scope, Cut] | None = None) -> tuple[int, int]:
+                   blocks: Sequence[RowBlock] | RowFeed = (), gone: Sequence[Key] = (),
+                   caps: Mapping[str, int] | None = None, cuts: dict[Scope, Cut] | None = None,
+                   block_buckets: Collection[BucketId] = ()) -> tuple[int, int]:
         """Recompute the metrics_aggregates rows of `keys` from every partition's partial, and
         write them with the rows the caller merged already (`blocks`; `gone`: rows to delete).
 
@@ -435,13 +460,17 @@ class StreamStore:
         partition's values (`global_cap.cap_states`; `memory` must then hold all of its
         states). Then the stream rows past the cut of each scope in `cuts` (the caller's
         and these) are deleted, whoever wrote them.
+
+        `blocks` may be a `RowFeed` the caller is still filling (and `cuts` with it): its
+        blocks are COPYed as they come, and `block_buckets` must then name every bucket
+        they may hold (the locks are taken first). `cuts` is read once the feed has ended.
         """
         caps = caps or {}
-        cuts = {} if cuts is None else dict(cuts)
         capped = {k[:4] for k in keys if k[3] in caps}
-        buckets = {(k[0], k[1]) for k in keys} | {(k[0], k[1]) for k in gone}
-        for block in blocks:
-            buckets.update((block.granularity, h * HOUR) for h in np.unique(block.hours).tolist())
+        buckets = {(k[0], k[1]) for k in keys} | {(k[0], k[1]) for k in gone} | set(block_buckets)
+        if not isinstance(blocks, RowFeed):
+            for block in blocks:
+                buckets.update((block.granularity, h * HOUR) for h in np.unique(block.hours).tolist())
         if not buckets:
             return 0, 0
         lock_buckets(cur, buckets)
@@ -459,27 +488,28 @@ class StreamStore:
                     found[key].append((partition, state))
         # merged in partition order, so the same partials always give the same bytes
         parts = {k: [s for _, s in sorted(v, key=lambda ps: ps[0])] for k, v in found.items()}
-        states = cap_states(parts, keys, caps, cuts, _merge)
-        everything = [*blocks, *blocks_from_states(states.items())]
-        rows = sum(len(b) for b in everything)
+        own_cuts: dict[Scope, Cut] = {}
+        states = cap_states(parts, keys, caps, own_cuts, _merge)
+        keyed = blocks_from_states(states.items())
         # a key without partials has no row, unless the cap made it (an __other__ of values
         # that each partition kept under its own name)
         gone = sorted(k for k in {*gone, *(k for k in keys if k not in found)} if k not in states)
-        fresh = _fresh_buckets(cur, buckets) if rows or gone or cuts else set()
+        fresh = _fresh_buckets(cur, buckets)
         # a bucket without rows has none to delete
         gone = [k for k in gone if (k[0], k[1]) not in fresh]
+        everything, rest = _insert_fresh(cur, fresh, keyed, blocks)
+        cuts = {**(cuts or {}), **own_cuts}  # complete now: the blocks have all been merged
+        rows = sum(len(b) for b in everything)
         written = _capped_scopes(everything, gone, caps) | capped
         stored = _stored_cuts(cur, written | set(cuts))
         # rows past a cut exist only where the cut moved below the stored one (or none is stored)
         past = sorted((scope, cut) for scope, cut in cuts.items()
                       if (scope[0], scope[1]) not in fresh and not (scope in stored and cut >= stored[scope]))
-        if rows:
-            everything = _insert_fresh(cur, fresh, everything)
-        if any(len(b) for b in everything):
+        if any(len(b) for b in rest):
             # just the copied columns: no id / updated_at defaults evaluated per staged row
             cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS tmp_rows ON COMMIT DELETE ROWS AS SELECT "
                         f"{', '.join(rows_copy.COLUMNS)} FROM metrics_aggregates WITH NO DATA")
-            _copy_blocks(cur, "tmp_rows", everything)
+            _copy_blocks(cur, "tmp_rows", rest)
             cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
         deleted = 0
         if past or gone:
@@ -588,9 +618,11 @@ def _fresh_buckets(cur: psycopg.Cursor, buckets: set[BucketId]) -> set[BucketId]
     return {(g, int(t.timestamp())) for g, t in cur.fetchall()}
 
 
-def _insert_fresh(cur: psycopg.Cursor, fresh: set[BucketId], blocks: list[RowBlock]) -> list[RowBlock]:
+def _insert_fresh(cur: psycopg.Cursor, fresh: set[BucketId], first: list[RowBlock],
+                  blocks: Iterable[RowBlock]) -> tuple[list[RowBlock], list[RowBlock]]:
     """COPY the rows of the `fresh` buckets (no row in metrics_aggregates yet) straight into
-    the table, and return the other rows (for the staged upsert).
+    the table as `first`, then `blocks`, come (a `RowFeed` is read while it is filled).
+    Returns every block, and the rows left for the staged upsert.
 
     Why: catching up a backlog, most rows are of buckets never written before, and a plain
     COPY into the table costs about two thirds of COPY into the staging table plus
@@ -600,39 +632,44 @@ def _insert_fresh(cur: psycopg.Cursor, fresh: set[BucketId], blocks: list[RowBlo
     between, the COPY (in a savepoint) fails on the unique key and every row goes through
     the upsert instead, which keeps the backfill's row.
     """
+    every: list[RowBlock] = []
+    source = chain(first, blocks)
     if not fresh:
-        return blocks
+        every.extend(source)
+        return every, every
     by: dict[str, list[int]] = defaultdict(list)
     for g, b in fresh:
         by[g].append(b // HOUR)
     hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in by.items()}
-    new: list[RowBlock] = []
     rest: list[RowBlock] = []
-    for block in blocks:
-        hit = member_of_sorted(hours.get(block.granularity, _NONE), block.hours)
-        if hit.all():
-            new.append(block)
-        elif hit.any():
-            new.append(block.take(np.flatnonzero(hit)))
-            rest.append(block.take(np.flatnonzero(~hit)))
-        else:
-            rest.append(block)
-    if not any(len(b) for b in new):
-        return blocks
+
+    def new_rows() -> Iterator[RowBlock]:
+        for block in source:
+            every.append(block)
+            hit = member_of_sorted(hours.get(block.granularity, _NONE), block.hours)
+            if hit.all():
+                yield block
+            elif hit.any():
+                yield block.take(np.flatnonzero(hit))
+                rest.append(block.take(np.flatnonzero(~hit)))
+            else:
+                rest.append(block)
+
     try:
         with cur.connection.transaction():  # a savepoint
-            _copy_blocks(cur, "metrics_aggregates", new)
+            _copy_blocks(cur, "metrics_aggregates", new_rows())
     except psycopg.errors.UniqueViolation:
         log.info("a row of new buckets %s appeared meanwhile (a backfill?); upserting their rows instead",
                  sorted((g, _ts(h * HOUR).isoformat()) for g, hs in hours.items() for h in hs.tolist())[:5])
-        return blocks
-    return rest
+        every.extend(source)  # what the failed COPY had not read yet
+        return every, every
+    return every, rest
 
 
 _NONE = np.empty(0, dtype=np.int64)
 
 
-def _copy_blocks(cur: psycopg.Cursor, table: str, blocks: Sequence[RowBlock]) -> None:
+def _copy_blocks(cur: psycopg.Cursor, table: str, blocks: Iterable[RowBlock]) -> None:
     """Binary COPY of the blocks' rows into `table` (rows_copy.COLUMNS)."""
     with cur.copy(f"COPY {table} ({', '.join(rows_copy.COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
         for chunk in rows_copy.render(blocks):

@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -20,14 +21,16 @@ from helpers import make_events
 
 from stream_agg.config import load_config
 from stream_agg.core.aggstate import decode_bucket, decode_bucket_items, is_compressed
+from stream_agg.core.merged_rows import RowBlock
 from stream_agg.core.registry import default_registry
 from stream_agg.events import encode_event
 from stream_agg.kafka.decode_pool import DecodePool, decode_batch
 from stream_agg.kafka.processor import Message, Processor, Snapshot
 from stream_agg.kafka.worker import WorkerShell
 from stream_agg.observability import Metrics
+from stream_agg.store.db import scratch_database
 from stream_agg.store.schema import migrate
-from stream_agg.store.stream_state import BlobFeed, StreamStore, compress_blobs
+from stream_agg.store.stream_state import BlobFeed, RowFeed, StreamStore, compress_blobs
 
 
 def _batches() -> list[list[Message]]:
@@ -236,7 +239,7 @@ def test_blobs_encoded_while_the_write_starts_are_the_ones_written(database_url:
             writing = pool.submit(split.write, snap)
             time.sleep(0.3)
             assert not writing.done()  # waiting for the blobs
-            split.encode(snap, feed)
+            split.finish(snap, feed)
             report = writing.result(60)
         split.commit(snap)
         assert report is not None and report.partials > 0
@@ -250,6 +253,62 @@ def test_blobs_encoded_while_the_write_starts_are_the_ones_written(database_url:
         for proc in (inline, split):
             proc.reader.close()
             proc.store.close()
+
+
+def _rows(url: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT granularity, bucket_time, metric_name, dimension_type, dimension_value, count, "
+                            "sum_value, min_value, max_value, avg_value, p50_value, p95_value, p99_value, digest "
+                            "FROM metrics_aggregates ORDER BY 1, 2, 3, 4, 5").fetchall()
+
+
+def test_rows_fed_to_the_writer_equal_rows_merged_in_the_snapshot(database_url: str, pg_server_url: str) -> None:
+    """The worker leaves the merge to `finish` and the writer COPYs each table as it comes.
+    Over rounds that add buckets, rewrite rows, push users past a cap of 4 (cuts move,
+    rows are deleted) and correct old hours, the table is the same, every column and
+    digest byte, as when the rows are merged inside the snapshot."""
+    migrate(database_url)
+    with scratch_database(pg_server_url, "sa_test_inline") as inline_url:
+        migrate(inline_url)
+        procs = []
+        for url in (inline_url, database_url):
+            config = load_config(env={}, database_url=url, metrics_port=0, archive=False)
+            proc = Processor(config, default_registry({"user": 4}), StreamStore(url), Metrics(), "s:rows")
+            proc.topic_partitions = 2
+            proc.assign({0, 1})
+            procs.append(proc)
+        inline, split = procs
+        rounds = [make_events(300, seed=61, hours=6, users=40), make_events(300, seed=62, hours=9, users=60),
+                  make_events(200, seed=63, hours=3, users=80)]
+        offsets = {0: 0, 1: 0}
+        deleted = 0
+        try:
+            for events in rounds:
+                msgs = []
+                for p in (0, 1):
+                    mine = events[p::2]
+                    for i in range(0, len(mine), 50):
+                        msgs.append(Message(p, offsets[p], b"[" + b",".join(map(encode_event, mine[i:i + 50])) + b"]"))
+                        offsets[p] += 1
+                inline.process(msgs)
+                split.process(msgs)
+                inline.flush()
+                snap = split.snapshot(encode=False)
+                assert snap.payload is not None and isinstance(snap.payload.blocks, RowFeed)
+                snap.payload.encoded = feed = BlobFeed()
+                with ThreadPoolExecutor(1) as pool:
+                    writing = pool.submit(split.write, snap)
+                    split.finish(snap, feed)
+                    report = writing.result(60)
+                split.commit(snap)
+                assert report is not None
+                deleted += report.deleted_rows
+                assert _rows(database_url) == _rows(inline_url)
+            assert deleted > 0  # rows pushed past a moving cut were deleted on the fed path too
+        finally:
+            for proc in procs:
+                proc.reader.close()
+                proc.store.close()
 
 
 def _snapshot_with_feed(proc: Processor) -> tuple[Snapshot, BlobFeed]:
@@ -268,6 +327,7 @@ def test_a_failed_encoding_fails_the_write_and_the_state_is_kept(database_url: s
     proc = _processor(database_url, "s:fail")
     try:
         snap, feed = _snapshot_with_feed(proc)
+        proc.merge(snap)
         feed.close(MemoryError("no room"))
         with pytest.raises(RuntimeError, match="encoding the partial blobs failed"):
             proc.write(snap)
@@ -287,13 +347,47 @@ def test_a_failed_encoding_fails_the_write_and_the_state_is_kept(database_url: s
         proc.store.close()
 
 
+def _no_room() -> Iterator[RowBlock]:
+    raise MemoryError("no room")
+    yield  # a generator
+
+
+def test_a_failed_merge_fails_the_write_and_the_state_is_kept(database_url: str) -> None:
+    """If merging the rows raises, the write fails (nothing is committed) instead of waiting
+    for rows, or for blobs that are now never encoded; the next flush writes everything."""
+    migrate(database_url)
+    proc = _processor(database_url, "s:merge")
+    try:
+        snap, feed = _snapshot_with_feed(proc)
+        snap.unmerged = _no_room()  # the merge as the processing thread would run it, failing
+        with ThreadPoolExecutor(1) as pool:
+            writing = pool.submit(proc.write, snap)
+            with pytest.raises(MemoryError):
+                proc.finish(snap, feed)
+            with pytest.raises(RuntimeError, match="merging the rows failed"):
+                writing.result(60)
+        proc.rollback(snap)
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT count(*) FROM metrics_aggregates").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM stream_partials").fetchone() == (0,)
+        report, _ = proc.flush()
+        assert report is not None and report.partials > 0
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
+                                "metric_name = 'trace.duration_ms' AND dimension_type = 'all'"
+                                ).fetchone() == (400,)
+    finally:
+        proc.reader.close()
+        proc.store.close()
+
+
 def test_compressing_a_payload_twice_leaves_its_blobs_readable(database_url: str) -> None:
     """A write retried with the same payload must not compress its blobs a second time."""
     migrate(database_url)
     proc = _processor(database_url, "s:twice")
     try:
         snap, feed = _snapshot_with_feed(proc)
-        proc.encode(snap, feed)
+        proc.finish(snap, feed)
         raw = [blob for part in snap.payload.partitions for _, _, blob, _ in part.buckets]
         compress_blobs(snap.payload)
         once = [blob for part in snap.payload.partitions for _, _, blob, _ in part.buckets]

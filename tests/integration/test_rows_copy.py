@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import psycopg
+import pytest
 from helpers import make_events
 
 from stream_agg.core.buckets import to_datetime
@@ -18,7 +19,7 @@ from stream_agg.core.registry import default_registry
 from stream_agg.core.state_table import HOUR
 from stream_agg.store import rows_copy
 from stream_agg.store.schema import migrate
-from stream_agg.store.stream_state import StreamStore
+from stream_agg.store.stream_state import RowFeed, StreamStore
 
 
 def _awkward_block() -> RowBlock:
@@ -220,3 +221,73 @@ def test_large_digests_are_stored_with_lz4_where_the_server_has_it(database_url:
     assert {g for g, _, _ in got} >= {"hour", "day"}  # large digests on both paths
     assert {method for _, method, _ in got} == ({"lz4"} if lz4 else {"pglz"})
     assert digests == {k: w[13] for k, w in want.items()}
+
+
+def _copying(watch: psycopg.Connection, pid: int) -> bool:
+    row = watch.execute("SELECT state, query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return row is not None and row[0] == "active" and row[1].startswith("COPY metrics_aggregates")
+
+
+def test_rows_fed_while_merging_are_copied_as_they_come(database_url: str) -> None:
+    """With a RowFeed (the worker's flush), the writer is COPYing the first block while the
+    next one is not merged yet, and the table ends as with a list of blocks: new buckets
+    copied, existing ones upserted, the backfill's row kept."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    old, new = 480_010, 480_011
+    with psycopg.connect(database_url) as conn:
+        conn.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                     "dimension_value, count, sum_value, source) VALUES "
+                     "(%s, 'hour', 'trace.duration_ms', 'user', 'a', 1, 1, 'stream'), "
+                     "(%s, 'hour', 'trace.duration_ms', 'user', 'b', 1, 1, 'backfill')",
+                     (to_datetime(old * HOUR), to_datetime(old * HOUR)))
+    pid = store.conn().info.backend_pid
+    feed = RowFeed()
+    result: list[Any] = []
+
+    def flush() -> None:
+        try:
+            with store.conn().transaction(), store.conn().cursor() as cur:
+                result.append(store.merge_rows(cur, "s", set(), blocks=feed,
+                                               block_buckets={("hour", old * HOUR), ("hour", new * HOUR)}))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result.append(exc)
+
+    writer = threading.Thread(target=flush)
+    writer.start()
+    try:
+        feed.put(_blocks([new, new], ["a", "b"], base=30))
+        with psycopg.connect(database_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while not _copying(watch, pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            copying_early = _copying(watch, pid)
+        waiting = writer.is_alive() and not result
+        feed.put(_blocks([old, old, old], ["a", "b", "c"], base=40))
+    finally:
+        feed.close()
+        writer.join(30)
+    store.close()
+    assert copying_early and waiting  # the first block went out before the feed ended
+    assert result == [(5, 0)]
+    assert _table(database_url) == {
+        ("hour", old * HOUR, "trace.duration_ms", "user", "a"): (40, 40.0, 0.0, 40.0, "stream"),
+        ("hour", old * HOUR, "trace.duration_ms", "user", "b"): (1, 1.0, None, None, "backfill"),
+        ("hour", old * HOUR, "trace.duration_ms", "user", "c"): (42, 42.0, 0.0, 40.0, "stream"),
+        ("hour", new * HOUR, "trace.duration_ms", "user", "a"): (30, 30.0, 0.0, 30.0, "stream"),
+        ("hour", new * HOUR, "trace.duration_ms", "user", "b"): (31, 31.0, 0.0, 30.0, "stream"),
+    }
+
+
+def test_a_merge_that_fails_fails_the_write_and_nothing_is_committed(database_url: str) -> None:
+    migrate(database_url)
+    store = StreamStore(database_url)
+    hour = 480_020
+    feed = RowFeed()
+    feed.put(_blocks([hour], ["a"], base=50))
+    feed.close(MemoryError("no room"))
+    with pytest.raises(RuntimeError, match="merging the rows failed"):
+        with store.conn().transaction(), store.conn().cursor() as cur:
+            store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={("hour", hour * HOUR)})
+    store.close()
+    assert _table(database_url) == {}
