@@ -80,32 +80,47 @@ def _blocks(hours: list[int], labels: list[str], base: int) -> RowBlock:
                     np.zeros(n), np.full(n, float(base)), None, None)
 
 
-def test_rows_of_new_buckets_are_copied_and_the_others_upserted(database_url: str) -> None:
-    """A flush's rows: those of buckets without any row go in by plain COPY, the rest by the
-    upsert, which never replaces a backfill row; the table ends up the same either way."""
-    migrate(database_url)
-    store = StreamStore(database_url)
-    old, new = 480_000, 480_001  # hours since the epoch
+def _seed_old_bucket(database_url: str, old: int) -> None:
+    """Hour `old` already has a stream row for user a and a backfilled one for user b."""
     with psycopg.connect(database_url) as conn:
         conn.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
                      "dimension_value, count, sum_value, source) VALUES "
                      "(%s, 'hour', 'trace.duration_ms', 'user', 'a', 1, 1, 'stream'), "
                      "(%s, 'hour', 'trace.duration_ms', 'user', 'b', 1, 1, 'backfill')",
                      (to_datetime(old * HOUR), to_datetime(old * HOUR)))
-    block = _blocks([old, old, old, new, new], ["a", "b", "c", "a", "b"], base=10)
+
+
+def _old_and_new(old: int, new: int) -> RowBlock:
+    """Rows a, b, c of hour `old` and a, b of hour `new` (counts 10..14)."""
+    return _blocks([old, old, old, new, new], ["a", "b", "c", "a", "b"], base=10)
+
+
+def _after_old_and_new(old: int, new: int) -> dict[tuple, tuple]:
+    """The table once `_old_and_new` is written over `_seed_old_bucket`: the backfill row kept."""
+    key = ("trace.duration_ms", "user")
+    return {
+        ("hour", old * HOUR, *key, "a"): (10, 10.0, 0.0, 10.0, "stream"),
+        ("hour", old * HOUR, *key, "b"): (1, 1.0, None, None, "backfill"),
+        ("hour", old * HOUR, *key, "c"): (12, 12.0, 0.0, 10.0, "stream"),
+        ("hour", new * HOUR, *key, "a"): (13, 13.0, 0.0, 10.0, "stream"),
+        ("hour", new * HOUR, *key, "b"): (14, 14.0, 0.0, 10.0, "stream"),
+    }
+
+
+def test_rows_of_new_buckets_are_copied_and_the_others_upserted(database_url: str) -> None:
+    """A flush's rows: those of buckets without any row go in by plain COPY, the rest by the
+    upsert, which never replaces a backfill row; the table ends up the same either way."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    old, new = 480_000, 480_001  # hours since the epoch
+    _seed_old_bucket(database_url, old)
+    block = _old_and_new(old, new)
     with store.conn().transaction(), store.conn().cursor() as cur:
         rows, _ = store.merge_rows(cur, "s", set(), blocks=[block])
         staged = cur.execute("SELECT count(*) FROM tmp_rows").fetchone()  # emptied at commit
     store.close()
     assert rows == 5 and staged == (3,)  # the old bucket's rows; the new one's were copied
-    got = _table(database_url)
-    assert got == {
-        ("hour", old * HOUR, "trace.duration_ms", "user", "a"): (10, 10.0, 0.0, 10.0, "stream"),
-        ("hour", old * HOUR, "trace.duration_ms", "user", "b"): (1, 1.0, None, None, "backfill"),
-        ("hour", old * HOUR, "trace.duration_ms", "user", "c"): (12, 12.0, 0.0, 10.0, "stream"),
-        ("hour", new * HOUR, "trace.duration_ms", "user", "a"): (13, 13.0, 0.0, 10.0, "stream"),
-        ("hour", new * HOUR, "trace.duration_ms", "user", "b"): (14, 14.0, 0.0, 10.0, "stream"),
-    }
+    assert _table(database_url) == _after_old_and_new(old, new)
 
 
 def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(database_url: str) -> None:
@@ -235,13 +250,9 @@ def test_rows_fed_while_merging_are_copied_as_they_come(database_url: str) -> No
     migrate(database_url)
     store = StreamStore(database_url)
     old, new = 480_010, 480_011
-    with psycopg.connect(database_url) as conn:
-        conn.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
-                     "dimension_value, count, sum_value, source) VALUES "
-                     "(%s, 'hour', 'trace.duration_ms', 'user', 'a', 1, 1, 'stream'), "
-                     "(%s, 'hour', 'trace.duration_ms', 'user', 'b', 1, 1, 'backfill')",
-                     (to_datetime(old * HOUR), to_datetime(old * HOUR)))
+    _seed_old_bucket(database_url, old)
     pid = store.conn().info.backend_pid
+    block = _old_and_new(old, new)
     feed = RowFeed()
     result: list[Any] = []
 
@@ -256,27 +267,21 @@ def test_rows_fed_while_merging_are_copied_as_they_come(database_url: str) -> No
     writer = threading.Thread(target=flush)
     writer.start()
     try:
-        feed.put(_blocks([new, new], ["a", "b"], base=30))
+        feed.put(block.take(np.array([3, 4])))  # the new bucket's rows first
         with psycopg.connect(database_url, autocommit=True) as watch:
             deadline = time.monotonic() + 30
             while not _copying(watch, pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
             copying_early = _copying(watch, pid)
         waiting = writer.is_alive() and not result
-        feed.put(_blocks([old, old, old], ["a", "b", "c"], base=40))
+        feed.put(block.take(np.array([0, 1, 2])))
     finally:
         feed.close()
         writer.join(30)
     store.close()
     assert copying_early and waiting  # the first block went out before the feed ended
     assert result == [(5, 0)]
-    assert _table(database_url) == {
-        ("hour", old * HOUR, "trace.duration_ms", "user", "a"): (40, 40.0, 0.0, 40.0, "stream"),
-        ("hour", old * HOUR, "trace.duration_ms", "user", "b"): (1, 1.0, None, None, "backfill"),
-        ("hour", old * HOUR, "trace.duration_ms", "user", "c"): (42, 42.0, 0.0, 40.0, "stream"),
-        ("hour", new * HOUR, "trace.duration_ms", "user", "a"): (30, 30.0, 0.0, 30.0, "stream"),
-        ("hour", new * HOUR, "trace.duration_ms", "user", "b"): (31, 31.0, 0.0, 30.0, "stream"),
-    }
+    assert _table(database_url) == _after_old_and_new(old, new)
 
 
 def test_a_merge_that_fails_fails_the_write_and_nothing_is_committed(database_url: str) -> None:
