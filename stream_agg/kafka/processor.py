@@ -376,16 +376,12 @@ class Processor:
         if parts or self.traces:
             payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, caps=dict(self.registry.caps))
             unmerged = self._rows_from_memory(payload, changes)
-            if encode:
-                payload.blocks = list(unmerged)
-                unmerged = None
-            else:
-                payload.blocks = RowFeed()
+            payload.blocks = RowFeed()
         snap = Snapshot(payload, closing, changes, self.unacked, self.pending_events, now,
                         time.perf_counter() - began, unencoded, unmerged)
         self.traces, self.spans, self.unacked, self.pending_events, self.archive_bytes = [], [], [], 0, 0
         if encode:
-            self.encode(snap)
+            self.finish(snap)
         return snap
 
     def finish(self, snap: Snapshot, feed: BlobFeed | None = None) -> None:
@@ -421,6 +417,8 @@ class Processor:
 
     def encode(self, snap: Snapshot, feed: BlobFeed | None = None) -> None:
         """Encode the snapshot's partial blobs, handing each to `feed` as soon as it is made."""
+        if snap.unmerged is not None:
+            raise RuntimeError("the snapshot's rows are not merged yet: call finish() (or merge() first)")
         began = time.perf_counter()
         try:
             for part, pstate, plan in snap.unencoded:

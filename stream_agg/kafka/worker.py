@@ -5,8 +5,9 @@ the core. Faust's own windowed tables are not used (they expire windows by wall 
 and drop late events); its offset commits are kept *behind* PostgreSQL by holding an
 extra reference on every message until the flush that made it durable has committed.
 
-Threading: folding, snapshots and the encoding of partial blobs run on one processing
-thread, in submission order (the fold gate keeps a snapshot's encoding right behind it);
+Threading: folding, snapshots, the merge of their rows and the encoding of their partial
+blobs run on one processing thread, in submission order (the fold gate keeps a snapshot's
+merge and encoding right behind it);
 PostgreSQL writes run on a writer thread while folding goes on; the event loop stays free
 for heartbeats and fetching; JSON decoding runs in a helper process.
 """

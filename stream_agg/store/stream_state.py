@@ -37,7 +37,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import chain
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -102,7 +101,9 @@ class FlushPayload:
     blocks: list[RowBlock] | RowFeed = field(default_factory=list)
     gone: list[Key] = field(default_factory=list)  # rows of `complete` buckets to delete
     caps: dict[str, int] = field(default_factory=dict)  # the registry's cardinality caps
-    cuts: dict[Scope, Cut] = field(default_factory=dict)  # cut of each written scope at or over its cap (global_cap)
+    # cut of each written scope at or over its cap (global_cap); filled by the merge, so
+    # complete only once `blocks` (a RowFeed) has ended
+    cuts: dict[Scope, Cut] = field(default_factory=dict)
     # set while the partitions' blobs are still being encoded (by the caller's thread)
     encoded: BlobFeed | None = None
 
@@ -129,13 +130,17 @@ class Feed(Generic[T]):
 
     Unbounded on purpose: a bound would make the processing thread wait on the writer.
     `close(error)` makes the reader raise, so a failure on the making side fails the
-    write instead of leaving it waiting."""
+    write instead of leaving it waiting. Read again (a retried write), it gives the items
+    already read, then goes on where the last reading stopped."""
 
     _END = object()
 
     def __init__(self, what: str) -> None:
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._what = what
+        self._items: list[T] = []
+        self._ended = False
+        self._error: BaseException | None = None
 
     def put(self, item: T) -> None:
         self._queue.put(item)
@@ -145,13 +150,22 @@ class Feed(Generic[T]):
         self._queue.put(self._END if error is None else error)
 
     def __iter__(self) -> Iterator[T]:
-        while True:
-            item = self._queue.get()
-            if item is self._END:
-                return
-            if isinstance(item, BaseException):
-                raise RuntimeError(f"{self._what} failed") from item
-            yield item
+        i = 0
+        while i < len(self._items):
+            yield self._items[i]
+            i += 1
+        while not self._ended:
+            if self._error is None:
+                item = self._queue.get()
+                if item is self._END:
+                    self._ended = True
+                    return
+                if not isinstance(item, BaseException):
+                    self._items.append(item)
+                    yield item
+                    continue
+                self._error = item
+            raise RuntimeError(f"{self._what} failed") from self._error
 
 
 class BlobFeed(Feed[tuple[PartitionFlush, int]]):
@@ -166,8 +180,10 @@ class BlobFeed(Feed[tuple[PartitionFlush, int]]):
 
 class RowFeed(Feed[RowBlock]):
     """Merged row blocks (one per table) handed from the processing thread to the writer as
-    each is merged: the writer COPYs them while the next are merged, instead of waiting for
-    the whole merge (~1 s for the last flush of a backlog, with nothing else left to do)."""
+    each is merged: the writer COPYs the rows of buckets without any row yet (most of a
+    backlog's) while the next blocks are merged, instead of waiting for the whole merge
+    (~1 s for the last flush of a backlog, with nothing else left to do). The rows to
+    upsert wait for the last block."""
 
     def __init__(self) -> None:
         super().__init__("merging the rows")
@@ -221,11 +237,11 @@ def index_plans(cur: psycopg.Cursor) -> Iterator[None]:
     Each key or scope is one index range, so a nested loop is right whatever the statistics.
     """
     cur.execute("SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off")
-    try:
-        yield
-    finally:
-        cur.execute("SET LOCAL enable_seqscan = DEFAULT; SET LOCAL enable_hashjoin = DEFAULT; "
-                    "SET LOCAL enable_mergejoin = DEFAULT")
+    yield
+    # Not in a `finally`: after an error the transaction is aborted (which ends SET LOCAL
+    # anyway), and a statement sent then would replace the real error with its own.
+    cur.execute("SET LOCAL enable_seqscan = DEFAULT; SET LOCAL enable_hashjoin = DEFAULT; "
+                "SET LOCAL enable_mergejoin = DEFAULT")
 
 
 _KEY_COLS = "granularity, bucket_time, metric_name, dimension_type, dimension_value"
@@ -339,7 +355,6 @@ class StreamStore:
                     rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
                                                      payload.resident, payload.blocks, payload.gone,
                                                      payload.caps, payload.cuts, payload.complete)
-                    payload.blocks = []  # written (a RowFeed is read once)
                     lap("rows")
                     compressing.result()
                     lap("compress")  # what is left of it once PostgreSQL is done
@@ -468,10 +483,13 @@ class StreamStore:
         caps = caps or {}
         capped = {k[:4] for k in keys if k[3] in caps}
         buckets = {(k[0], k[1]) for k in keys} | {(k[0], k[1]) for k in gone} | set(block_buckets)
-        if not isinstance(blocks, RowFeed):
+        fed = isinstance(blocks, RowFeed)  # the locks are taken before its blocks come: checked as they do
+        if not fed:
             for block in blocks:
                 buckets.update((block.granularity, h * HOUR) for h in np.unique(block.hours).tolist())
         if not buckets:
+            for block in blocks:  # an empty feed still ends (a block here has no lock: an error)
+                _check_locked(block, set())
             return 0, 0
         lock_buckets(cur, buckets)
         held = {(g, b, p) for g, b, p in (resident or [])}
@@ -497,7 +515,7 @@ class StreamStore:
         fresh = _fresh_buckets(cur, buckets)
         # a bucket without rows has none to delete
         gone = [k for k in gone if (k[0], k[1]) not in fresh]
-        everything, rest = _insert_fresh(cur, fresh, keyed, blocks)
+        everything, rest = _insert_fresh(cur, fresh, keyed, blocks, buckets if fed else None)
         cuts = {**(cuts or {}), **own_cuts}  # complete now: the blocks have all been merged
         rows = sum(len(b) for b in everything)
         written = _capped_scopes(everything, gone, caps) | capped
@@ -519,6 +537,14 @@ class StreamStore:
         _save_cuts(cur, {s: c for s, c in cuts.items() if stored.get(s) != c},
                    sorted(s for s in written if s in stored and s not in cuts))
         return rows, deleted
+
+
+def _check_locked(block: RowBlock, locked: set[BucketId]) -> None:
+    """A fed block may hold only rows of the buckets locked before it came (a bug otherwise)."""
+    outside = [h for h in np.unique(block.hours).tolist() if (block.granularity, h * HOUR) not in locked]
+    if outside:
+        raise ValueError(f"a fed block has rows of {block.granularity} bucket(s) not locked: "
+                         f"{[_ts(h * HOUR).isoformat() for h in outside[:3]]}")
 
 
 DELETE_KEYS_SQL = (
@@ -619,10 +645,12 @@ def _fresh_buckets(cur: psycopg.Cursor, buckets: set[BucketId]) -> set[BucketId]
 
 
 def _insert_fresh(cur: psycopg.Cursor, fresh: set[BucketId], first: list[RowBlock],
-                  blocks: Iterable[RowBlock]) -> tuple[list[RowBlock], list[RowBlock]]:
+                  blocks: Iterable[RowBlock], locked: set[BucketId] | None = None,
+                  ) -> tuple[list[RowBlock], list[RowBlock]]:
     """COPY the rows of the `fresh` buckets (no row in metrics_aggregates yet) straight into
-    the table as `first`, then `blocks`, come (a `RowFeed` is read while it is filled).
-    Returns every block, and the rows left for the staged upsert.
+    the table as `first`, then `blocks`, come (a `RowFeed` is read while it is filled;
+    `locked`: the buckets its blocks may hold). Returns every block, and the rows left
+    for the staged upsert.
 
     Why: catching up a backlog, most rows are of buckets never written before, and a plain
     COPY into the table costs about two thirds of COPY into the staging table plus
@@ -632,19 +660,26 @@ def _insert_fresh(cur: psycopg.Cursor, fresh: set[BucketId], first: list[RowBloc
     between, the COPY (in a savepoint) fails on the unique key and every row goes through
     the upsert instead, which keeps the backfill's row.
     """
-    every: list[RowBlock] = []
-    source = chain(first, blocks)
+    def every_block() -> Iterator[RowBlock]:
+        # read again, a RowFeed gives what it gave, then the rest, or its failure again
+        yield from first
+        for block in blocks:
+            if locked is not None:
+                _check_locked(block, locked)
+            yield block
+
     if not fresh:
-        every.extend(source)
+        every = list(every_block())
         return every, every
     by: dict[str, list[int]] = defaultdict(list)
     for g, b in fresh:
         by[g].append(b // HOUR)
     hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in by.items()}
+    every = []
     rest: list[RowBlock] = []
 
     def new_rows() -> Iterator[RowBlock]:
-        for block in source:
+        for block in every_block():
             every.append(block)
             hit = member_of_sorted(hours.get(block.granularity, _NONE), block.hours)
             if hit.all():
@@ -661,7 +696,9 @@ def _insert_fresh(cur: psycopg.Cursor, fresh: set[BucketId], first: list[RowBloc
     except psycopg.errors.UniqueViolation:
         log.info("a row of new buckets %s appeared meanwhile (a backfill?); upserting their rows instead",
                  sorted((g, _ts(h * HOUR).isoformat()) for g, hs in hours.items() for h in hs.tolist())[:5])
-        every.extend(source)  # what the failed COPY had not read yet
+        # Every block again, not what the COPY had read: if the merge failed meanwhile, its
+        # error (which the COPY's own may have hidden) comes back here and fails the write.
+        every = list(every_block())
         return every, every
     return every, rest
 

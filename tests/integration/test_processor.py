@@ -238,7 +238,7 @@ def test_blobs_encoded_while_the_write_starts_are_the_ones_written(database_url:
         with ThreadPoolExecutor(1) as pool:
             writing = pool.submit(split.write, snap)
             time.sleep(0.3)
-            assert not writing.done()  # waiting for the blobs
+            assert not writing.done()  # waiting for the rows and blobs
             split.finish(snap, feed)
             report = writing.result(60)
         split.commit(snap)
@@ -361,6 +361,34 @@ def test_a_failed_merge_or_encoding_fails_the_write_and_the_state_is_kept(databa
         proc.store.close()
 
 
+def test_a_write_retried_with_the_same_payload_writes_every_row(database_url: str) -> None:
+    """A payload whose write failed after its rows were read from the feed can be written
+    again: the feed gives its blocks again, so no row is lost and nothing waits."""
+    migrate(database_url)
+    proc = _processor(database_url, "s:retry")
+    try:
+        snap, feed = _snapshot_with_feed(proc)
+        proc.finish(snap, feed)
+        proc.store.conn().execute("SET lock_timeout = '300ms'")
+        proc.store.conn().commit()
+        with psycopg.connect(database_url) as other:
+            # the partials are written after the rows: the write fails there, the feed read
+            other.execute("LOCK TABLE stream_partials IN ACCESS EXCLUSIVE MODE")
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                proc.write(snap)
+        report = proc.write(snap)
+        assert report is not None and report.rows > 0
+        proc.commit(snap)
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT count(*) FROM metrics_aggregates").fetchone() == (report.rows,)
+            assert conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
+                                "metric_name = 'trace.duration_ms' AND dimension_type = 'all'"
+                                ).fetchone() == (400,)
+    finally:
+        proc.reader.close()
+        proc.store.close()
+
+
 def test_compressing_a_payload_twice_leaves_its_blobs_readable(database_url: str) -> None:
     """A write retried with the same payload must not compress its blobs a second time."""
     migrate(database_url)
@@ -406,6 +434,10 @@ def test_a_fold_queued_during_a_snapshot_waits_for_its_blobs(database_url: str) 
                      if m == "trace.duration_ms" and d == "all")
         assert stored == 400  # the first batch's events only
         assert offsets == {p: max(m.offset for m in first if m.partition == p) + 1 for p in (0, 1)}
+        with psycopg.connect(database_url) as conn:  # and so do its rows, merged behind the snapshot
+            assert conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
+                                "metric_name = 'trace.duration_ms' AND dimension_type = 'all'"
+                                ).fetchone() == (400,)
     finally:
         shell.executor.shutdown(wait=True)
         shell.writer.shutdown(wait=True)

@@ -238,50 +238,58 @@ def test_large_digests_are_stored_with_lz4_where_the_server_has_it(database_url:
     assert digests == {k: w[13] for k, w in want.items()}
 
 
-def _copying(watch: psycopg.Connection, pid: int) -> bool:
-    row = watch.execute("SELECT state, query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
-    return row is not None and row[0] == "active" and row[1].startswith("COPY metrics_aggregates")
+def _copied(watch: psycopg.Connection, pid: int) -> int | None:
+    """Rows the backend's running COPY into metrics_aggregates has taken so far, or None."""
+    row = watch.execute("SELECT p.tuples_processed FROM pg_stat_progress_copy p JOIN pg_class c "
+                        "ON c.oid = p.relid WHERE p.pid = %s AND c.relname = 'metrics_aggregates'", (pid,)).fetchone()
+    return None if row is None else int(row[0])
 
 
 def test_rows_fed_while_merging_are_copied_as_they_come(database_url: str) -> None:
-    """With a RowFeed (the worker's flush), the writer is COPYing the first block while the
-    next one is not merged yet, and the table ends as with a list of blocks: new buckets
-    copied, existing ones upserted, the backfill's row kept."""
+    """With a RowFeed (the worker's flush), PostgreSQL is taking the first block's rows while
+    the next block is not merged yet, and the table ends as with a list of blocks: new
+    buckets copied, existing ones upserted, the backfill's row kept."""
     migrate(database_url)
     store = StreamStore(database_url)
-    old, new = 480_010, 480_011
+    old, new, many = 480_010, 480_011, 480_012
     _seed_old_bucket(database_url, old)
     pid = store.conn().info.backend_pid
     block = _old_and_new(old, new)
+    # a first block bigger than psycopg's COPY buffer (32 KB), as a flush's blocks are
+    first = _blocks([many] * 3000, [f"user-{i}" for i in range(3000)], base=100)
     feed = RowFeed()
     result: list[Any] = []
 
     def flush() -> None:
         try:
             with store.conn().transaction(), store.conn().cursor() as cur:
-                result.append(store.merge_rows(cur, "s", set(), blocks=feed,
-                                               block_buckets={("hour", old * HOUR), ("hour", new * HOUR)}))
+                result.append(store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={
+                    ("hour", old * HOUR), ("hour", new * HOUR), ("hour", many * HOUR)}))
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             result.append(exc)
 
     writer = threading.Thread(target=flush)
     writer.start()
     try:
-        feed.put(block.take(np.array([3, 4])))  # the new bucket's rows first
+        feed.put(first)
+        feed.put(block.take(np.array([3, 4])))  # the new bucket's rows
         with psycopg.connect(database_url, autocommit=True) as watch:
             deadline = time.monotonic() + 30
-            while not _copying(watch, pid) and time.monotonic() < deadline:
+            while not _copied(watch, pid) and time.monotonic() < deadline:
                 time.sleep(0.02)
-            copying_early = _copying(watch, pid)
+            copied_early = _copied(watch, pid)
         waiting = writer.is_alive() and not result
         feed.put(block.take(np.array([0, 1, 2])))
     finally:
         feed.close()
         writer.join(30)
     store.close()
-    assert copying_early and waiting  # the first block went out before the feed ended
-    assert result == [(5, 0)]
-    assert _table(database_url) == _after_old_and_new(old, new)
+    assert copied_early and waiting  # rows were in before the feed ended
+    assert result == [(3005, 0)]
+    got = _table(database_url)
+    assert {k: v for k, v in got.items() if k[1] != many * HOUR} == _after_old_and_new(old, new)
+    assert {k[4]: v for k, v in got.items() if k[1] == many * HOUR} == {
+        f"user-{i}": (100 + i, 100.0 + i, 0.0, 100.0, "stream") for i in range(3000)}
 
 
 def test_a_merge_that_fails_fails_the_write_and_nothing_is_committed(database_url: str) -> None:
@@ -294,5 +302,68 @@ def test_a_merge_that_fails_fails_the_write_and_nothing_is_committed(database_ur
     with pytest.raises(RuntimeError, match="merging the rows failed"):
         with store.conn().transaction(), store.conn().cursor() as cur:
             store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={("hour", hour * HOUR)})
+    store.close()
+    assert _table(database_url) == {}
+
+
+def test_a_merge_failing_while_the_copy_meets_a_backfill_row_fails_the_write(database_url: str) -> None:
+    """The COPY waits on a backfill row of a fresh bucket, and the merge fails meanwhile: the
+    COPY's unique-key error must not hide that failure (the fallback would write part of
+    the rows); the write fails and nothing of it is committed."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    hour = 480_030
+    # past psycopg's COPY buffer (32 KB), within the socket's: sent while the server waits
+    first = _blocks([hour] * 3000, [f"user-{i}" for i in range(3000)], base=1)
+    backfill = psycopg.connect(database_url)
+    backfill.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                     "dimension_value, count, sum_value, source) "
+                     "VALUES (%s, 'hour', 'trace.duration_ms', 'user', 'user-7', 5, 5, 'backfill')",
+                     (to_datetime(hour * HOUR),))  # not committed yet: the flush's check does not see it
+    feed = RowFeed()
+    result: list[Any] = []
+
+    def flush() -> None:
+        try:
+            with store.conn().transaction(), store.conn().cursor() as cur:
+                result.append(store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={("hour", hour * HOUR)}))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            result.append(exc)
+
+    writer = threading.Thread(target=flush)
+    writer.start()
+    try:
+        feed.put(first)
+        with psycopg.connect(database_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+                assert time.monotonic() < deadline, "the COPY never waited on the backfill's row"
+                time.sleep(0.02)
+        feed.close(MemoryError("no room"))
+        time.sleep(0.5)  # the writer takes the failure while its COPY still waits (else it comes later)
+    finally:
+        backfill.commit()
+        backfill.close()
+        feed.close()
+        writer.join(30)
+    store.close()
+    assert len(result) == 1 and isinstance(result[0], RuntimeError), result
+    assert str(result[0]) == "merging the rows failed"
+    assert _table(database_url) == {
+        ("hour", hour * HOUR, "trace.duration_ms", "user", "user-7"): (5, 5.0, None, None, "backfill")}
+
+
+def test_a_fed_block_of_a_bucket_not_locked_fails_the_write(database_url: str) -> None:
+    """The locks are taken before a RowFeed's blocks come, from the buckets the caller names:
+    a block outside them would be written without its lock, so it fails the write."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    feed = RowFeed()
+    feed.put(_blocks([480_040], ["a"], base=1))
+    feed.put(_blocks([480_041], ["a"], base=2))  # not named below
+    feed.close()
+    with pytest.raises(ValueError, match="not locked"):
+        with store.conn().transaction(), store.conn().cursor() as cur:
+            store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={("hour", 480_040 * HOUR)})
     store.close()
     assert _table(database_url) == {}
