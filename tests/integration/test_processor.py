@@ -255,6 +255,13 @@ def test_blobs_encoded_while_the_write_starts_are_the_ones_written(database_url:
             proc.store.close()
 
 
+def _hour_events(url: str) -> int | None:
+    """Events counted by the hour rows of trace.duration_ms over all values."""
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
+                            "metric_name = 'trace.duration_ms' AND dimension_type = 'all'").fetchone()[0]
+
+
 def _rows(url: str) -> list[tuple]:
     with psycopg.connect(url) as conn:
         return conn.execute("SELECT granularity, bucket_time, metric_name, dimension_type, dimension_value, count, "
@@ -353,9 +360,7 @@ def test_a_failed_merge_or_encoding_fails_the_write_and_the_state_is_kept(databa
         assert report is not None and report.partials > 0
         with psycopg.connect(database_url) as conn:
             assert conn.execute("SELECT count(*) FROM stream_partials").fetchone() == (report.partials,)
-            assert conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
-                                "metric_name = 'trace.duration_ms' AND dimension_type = 'all'"
-                                ).fetchone() == (400,)
+        assert _hour_events(database_url) == 400
     finally:
         proc.reader.close()
         proc.store.close()
@@ -381,9 +386,7 @@ def test_a_write_retried_with_the_same_payload_writes_every_row(database_url: st
         proc.commit(snap)
         with psycopg.connect(database_url) as conn:
             assert conn.execute("SELECT count(*) FROM metrics_aggregates").fetchone() == (report.rows,)
-            assert conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
-                                "metric_name = 'trace.duration_ms' AND dimension_type = 'all'"
-                                ).fetchone() == (400,)
+        assert _hour_events(database_url) == 400
     finally:
         proc.reader.close()
         proc.store.close()
@@ -434,10 +437,7 @@ def test_a_fold_queued_during_a_snapshot_waits_for_its_blobs(database_url: str) 
                      if m == "trace.duration_ms" and d == "all")
         assert stored == 400  # the first batch's events only
         assert offsets == {p: max(m.offset for m in first if m.partition == p) + 1 for p in (0, 1)}
-        with psycopg.connect(database_url) as conn:  # and so do its rows, merged behind the snapshot
-            assert conn.execute("SELECT sum(count) FROM metrics_aggregates WHERE granularity = 'hour' AND "
-                                "metric_name = 'trace.duration_ms' AND dimension_type = 'all'"
-                                ).fetchone() == (400,)
+        assert _hour_events(database_url) == 400  # and so do its rows, merged behind the snapshot
     finally:
         shell.executor.shutdown(wait=True)
         shell.writer.shutdown(wait=True)
