@@ -10,6 +10,7 @@ import numpy as np
 
 from stream_agg.core.buckets import GRANULARITIES, bucket_start
 from stream_agg.core.cardinality import capped_values
+from stream_agg.core.fold import Columns
 from stream_agg.core.registry import DIMENSIONS, OTHER, Registry
 from stream_agg.events import TraceEvent
 
@@ -115,3 +116,19 @@ def rank_error(values: np.ndarray, estimate: float, q: float) -> float:
     if lo <= q <= hi:
         return 0.0
     return float(min(abs(lo - q), abs(hi - q)))
+
+
+def assert_same_columns(a: Columns, b: Columns) -> None:
+    """Array for array, label for label (codes numbered alike)."""
+    assert np.array_equal(a.ts, b.ts) and np.array_equal(a.offsets, b.offsets)
+    assert a.levels.keys() == b.levels.keys()
+    for name, la in a.levels.items():
+        lb = b.levels[name]
+        assert np.array_equal(la.ts, lb.ts) and np.array_equal(la.offsets, lb.offsets), name
+        assert np.array_equal(la.parent, lb.parent), name
+        assert la.values.keys() == lb.values.keys() and la.codes.keys() == lb.codes.keys()
+        for k, v in la.values.items():
+            assert v.dtype == lb.values[k].dtype and np.array_equal(v, lb.values[k], equal_nan=True), (name, k)
+        for k, v in la.codes.items():
+            assert la.labels[k] == lb.labels[k], (name, k)
+            assert np.array_equal(v, lb.codes[k]), (name, k)

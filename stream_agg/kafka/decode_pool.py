@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from stream_agg.core.column_concat import concat_columns
 from stream_agg.core.fold import Columns, event_times, to_columns
 from stream_agg.core.registry import Registry, default_registry
 from stream_agg.core.state_table import F64, I64
@@ -77,6 +78,36 @@ def decode_partition(partition: int, messages: Sequence[tuple[int, bytes | None]
         traces, spans, _ = archive_copy.render(events, offsets, partition)
         text = (traces, spans)
     return DecodedPart(partition, len(messages), rejects, offs, ts, cols, text)
+
+
+def merge_parts(parts: Sequence[DecodedPart]) -> DecodedPart:
+    """One partition's parts from consecutive chunks, in order, as if decoded in one piece
+    (the worker folds the chunks already decoded in one call: `column_concat`)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    if any(p.partition != first.partition for p in parts):
+        raise ValueError("parts of different partitions")
+    cols = [p.cols for p in parts if p.cols is not None]
+    texts = [p.archive for p in parts if p.archive is not None]
+    return DecodedPart(
+        first.partition,
+        sum(p.messages for p in parts),
+        [r for p in parts for r in p.rejects],
+        np.concatenate([p.offsets for p in parts]),
+        np.concatenate([p.ts for p in parts]),
+        concat_columns(cols) if cols else None,
+        ("".join(t[0] for t in texts), "".join(t[1] for t in texts)) if texts else None,
+    )
+
+
+def merge_batches(batches: Sequence[list[DecodedPart]]) -> list[DecodedPart]:
+    """Decoded chunks, in order, as one micro-batch: one part per partition."""
+    by_partition: dict[int, list[DecodedPart]] = {}
+    for batch in batches:
+        for part in batch:
+            by_partition.setdefault(part.partition, []).append(part)
+    return [merge_parts(parts) for parts in by_partition.values()]
 
 
 def decode_batch(batch: list[tuple[int, list[tuple[int, bytes | None]]]], archive: bool,

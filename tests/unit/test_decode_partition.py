@@ -5,12 +5,13 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
-from helpers import make_events
+import pytest
+from helpers import assert_same_columns, make_events
 
-from stream_agg.core.fold import Columns, to_columns
+from stream_agg.core.fold import to_columns
 from stream_agg.core.registry import default_registry
 from stream_agg.events import decode_message, encode_event
-from stream_agg.kafka.decode_pool import decode_partition
+from stream_agg.kafka.decode_pool import DecodedPart, decode_partition, merge_batches, merge_parts
 from stream_agg.store import archive_copy
 
 
@@ -20,18 +21,6 @@ def _messages() -> list[tuple[int, bytes | None]]:
     broken = b"[" + encode_event(events[200]) + b',{"trace_id": 7}]'  # one valid event, one reject
     return [(10, batch), (11, b"not json"), (12, broken), (13, None),
             *((14 + i, encode_event(e)) for i, e in enumerate(events[201:]))]
-
-
-def _assert_same_columns(a: Columns, b: Columns) -> None:
-    assert np.array_equal(a.ts, b.ts) and np.array_equal(a.offsets, b.offsets)
-    assert a.levels.keys() == b.levels.keys()
-    for name, la in a.levels.items():
-        lb = b.levels[name]
-        assert np.array_equal(la.parent, lb.parent)
-        for k, v in la.values.items():
-            assert np.array_equal(v, lb.values[k], equal_nan=True), (name, k)
-        for k, v in la.codes.items():
-            assert np.array_equal(v, lb.codes[k]) and la.labels[k] == lb.labels[k], (name, k)
 
 
 def test_decoded_part_equals_the_in_process_decoding() -> None:
@@ -48,11 +37,11 @@ def test_decoded_part_equals_the_in_process_decoding() -> None:
     assert part.rejects == rejects and {r[2] for r in rejects} == {11, 12, 13}
     assert part.offsets.tolist() == offsets and len(events) == 300
     assert np.allclose(part.ts, [e.started_at.timestamp() for e in events], rtol=0, atol=1e-6)
-    _assert_same_columns(part.cols, to_columns(events, np.asarray(offsets), reg))
+    assert_same_columns(part.cols, to_columns(events, np.asarray(offsets), reg))
     traces, spans, _ = archive_copy.render(events, offsets, 3)
     assert part.archive == (traces, spans)
     back = pickle.loads(pickle.dumps(part))  # as it travels back from the helper process
-    _assert_same_columns(back.cols, part.cols)
+    assert_same_columns(back.cols, part.cols)
     assert back.rejects == part.rejects and back.archive == part.archive
 
 
@@ -62,3 +51,38 @@ def test_a_partition_without_valid_events_has_no_columns() -> None:
     assert [r[2] for r in part.rejects] == [5, 6]
     assert [r[1] for r in part.rejects] == [decode_message(b"{}").rejects[0].reason,
                                             decode_message(b"[]").rejects[0].reason]
+
+
+def _same_part(a: DecodedPart, b: DecodedPart) -> None:
+    assert (a.partition, a.messages, a.rejects, a.archive) == (b.partition, b.messages, b.rejects, b.archive)
+    assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.ts, b.ts)
+    assert (a.cols is None) == (b.cols is None)
+    if a.cols is not None and b.cols is not None:
+        assert_same_columns(a.cols, b.cols)
+
+
+@pytest.mark.parametrize("archive", [False, True])
+def test_parts_of_consecutive_chunks_merge_into_the_part_of_all_messages(archive: bool) -> None:
+    """The worker folds chunks decoded one by one as one batch: merged, they are what decoding
+    every message at once gives (the middle chunk has no valid event at all)."""
+    reg = default_registry({"user": 10})
+    msgs = _messages()
+    chunks = [msgs[:1], msgs[1:2], msgs[2:]]
+    parts = [decode_partition(3, c, reg, archive) for c in chunks]
+    assert parts[1].cols is None
+    _same_part(merge_parts(parts), decode_partition(3, msgs, reg, archive))
+    assert merge_parts(parts[:1]) is parts[0]
+    with pytest.raises(ValueError, match="different partitions"):
+        merge_parts([parts[0], decode_partition(4, chunks[2], reg, archive)])
+
+
+def test_batches_merge_into_one_part_per_partition_in_message_order() -> None:
+    reg = default_registry({"user": 10})
+    msgs = _messages()
+    a, b = msgs[:3], msgs[3:]
+    first = [decode_partition(5, a[:2], reg, False), decode_partition(2, b[:100], reg, False)]
+    second = [decode_partition(2, b[100:], reg, False), decode_partition(5, a[2:], reg, False)]
+    merged = merge_batches([first, second])
+    assert [p.partition for p in merged] == [5, 2]
+    _same_part(merged[0], decode_partition(5, a, reg, False))
+    _same_part(merged[1], decode_partition(2, b, reg, False))
