@@ -85,15 +85,15 @@ def _state(pid: int) -> str:
 class WorkerProcess:
     """One `stream-agg worker` subprocess; always stopped by the test that started it."""
 
-    def __init__(self, config: Config, log: Path, **env: str) -> None:
+    def __init__(self, config: Config, log: Path, python: list[str] | None = None, **env: str) -> None:
         self.env = worker_env(config, **env)
         self.log = log
+        self.argv = [sys.executable, *(python or ["-m", "stream_agg"]), "worker"]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> WorkerProcess:
         out = open(self.log, "ab")  # noqa: SIM115 - closed when the process is reaped
-        self.proc = subprocess.Popen([sys.executable, "-m", "stream_agg", "worker"], env=self.env,
-                                     stdout=out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT)
         out.close()
         return self
 

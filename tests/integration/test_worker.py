@@ -141,6 +141,38 @@ def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: st
         assert conn.execute("SELECT count(*) FROM traces").fetchone()[0] == len(events)
 
 
+# The worker in a subprocess with chunks of ~2 messages, so a backlog of small messages is
+# decoded in many chunks and the fold joins those already decoded (`join_decoded`).
+SMALL_CHUNKS = ("import stream_agg.kafka.worker as w; w.FOLD_BYTES = 60_000; w.FOLD_JOIN_BYTES = 600_000; "
+                "from stream_agg.cli import main; main()")
+
+
+def test_backlog_folded_in_joined_chunks_across_a_kill(cfg: Config, tmp_path: Path) -> None:
+    """Decoded chunks folded as one batch (some partitions in some chunks only), and a SIGKILL
+    in the middle: the rows still equal numpy over the events."""
+    payloads = generate_events(30_000, seed=13, start=START, hours=12, users=300)
+    produce(cfg, payloads, batch=50)
+    total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
+    debug = {"STREAM_AGG_LOG_LEVEL": "DEBUG"}
+    worker = WorkerProcess(cfg, tmp_path / "first.log", python=["-c", SMALL_CHUNKS], **debug).start()
+    try:
+        deadline = time.monotonic() + 120
+        while sum(durable_offsets(cfg.database_url, stream_of(cfg)).values()) < 0.4 * total:
+            assert time.monotonic() < deadline and worker.alive(), worker.log_text()[-3000:]
+            time.sleep(0.05)
+        first_log = worker.log_text()
+        worker.kill()
+        worker = WorkerProcess(cfg, tmp_path / "second.log", python=["-c", SMALL_CHUNKS], **debug).start()
+        wait_caught_up(cfg, timeout=120, workers=[worker])
+        assert worker.terminate() == 0
+    finally:
+        worker.kill()
+    joined = (first_log + worker.log_text()).count("folding decoded chunks joined")
+    assert joined >= 5, "the backlog was never folded in joined chunks"
+    events = decode_all([encode_event(e) for e in payloads])
+    assert_rows_match_events(fetch_rows(cfg.database_url), events, default_registry(cfg.cardinality_caps))
+
+
 def test_two_workers_one_stopped_mid_stream(cfg: Config, tmp_path: Path) -> None:
     first = generate_events(15_000, seed=21, start=START, hours=6, users=200)
     second = generate_events(15_000, seed=22, start=START + timedelta(hours=6), hours=6, users=200)
