@@ -265,9 +265,14 @@ class WorkerShell:
         # A micro-batch queued here when the group rebalances may be folded after its partitions
         # were re-assigned: each message carries the generation it was fetched in, and the
         # processor drops those of an older generation than the partition's assignment.
-        # Deep enough to hold FOLD_JOIN_BYTES of chunks behind the one being folded.
+        # Deep enough to hold the chunks joined behind the one being folded. With the raw
+        # archive on, nothing is joined: that worker is bound by PostgreSQL's archive upserts
+        # (folding waits for them), so joining did not speed it up on the benchmark (12,792-
+        # 15,324 events/s either way), and the chunks it holds also carry their COPY text
+        # (peak RSS 883-996 MB joined, 885-940 not: too close to 1 GB for no gain).
+        self.join_bytes = FOLD_BYTES if config.archive else FOLD_JOIN_BYTES
         self.batches: asyncio.Queue[Queued] = asyncio.Queue(
-            maxsize=max(FOLD_JOIN_BYTES // FOLD_BYTES, config.decode_processes))
+            maxsize=max(self.join_bytes // FOLD_BYTES, config.decode_processes))
         self.carried: Queued | None = None  # the next chunk, taken out early by join_decoded
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
         self.app.task(self._fold_loop)
@@ -373,7 +378,7 @@ class WorkerShell:
         """Fold micro-batches in order as the agent hands them over (their decoding under way).
 
         Behind a backlog, the chunks queued after the first whose decoding is already done
-        are folded with it in one call, up to FOLD_JOIN_BYTES of payload: the fold's cost per
+        are folded with it in one call, up to `join_bytes` of payload: the fold's cost per
         call and per key is then shared by more events (`core/column_concat`). Only decoded
         chunks are joined, so the fold never waits for the helper to join one more, and a
         worker keeping up with live traffic folds each micro-batch as it comes.
@@ -388,7 +393,7 @@ class WorkerShell:
                 return
             if decoded is not None:
                 first = len(chunk)
-                chunk, decoded, self.carried = join_decoded(chunk, decoded, self.batches, FOLD_JOIN_BYTES)
+                chunk, decoded, self.carried = join_decoded(chunk, decoded, self.batches, self.join_bytes)
                 if len(chunk) > first:
                     log.debug("folding decoded chunks joined: %d messages (%d in the first chunk), partitions %s%s",
                               len(chunk), first, sorted(p.partition for p in decoded),

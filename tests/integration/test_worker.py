@@ -153,7 +153,7 @@ def test_backlog_folded_in_joined_chunks_across_a_kill(cfg: Config, tmp_path: Pa
     payloads = generate_events(30_000, seed=13, start=START, hours=12, users=300)
     produce(cfg, payloads, batch=50)
     total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
-    debug = {"STREAM_AGG_LOG_LEVEL": "DEBUG"}
+    debug = {"STREAM_AGG_LOG_LEVEL": "DEBUG", "STREAM_AGG_ARCHIVE": "false"}  # archive on: nothing is joined
     worker = WorkerProcess(cfg, tmp_path / "first.log", python=["-c", SMALL_CHUNKS], **debug).start()
     try:
         deadline = time.monotonic() + 120
