@@ -40,9 +40,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FOLD_BYTES = 16 << 20  # payload bytes decoded per chunk: bounds the helper's decoded events (~30k events)
-# Payload bytes of decoded chunks folded in one call behind a backlog (~60k events): the
-# fold's rate grows with its batch (`join_decoded`). The raw bytes stay held until folded,
-# so this costs memory: 4 chunks raised peak RSS by ~120 MB on the benchmark, 2 by ~60 MB.
+# Payload bytes of decoded chunks a batch is joined up to behind a backlog (usually 2 chunks,
+# ~60k events): the fold's rate grows with its batch (`join_decoded`). The raw bytes stay
+# held until folded, so this costs memory: joining up to 4 chunks raised peak RSS by ~120 MB
+# on the benchmark, up to 2 by ~60 MB.
 FOLD_JOIN_BYTES = 2 * FOLD_BYTES
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
 IDLE_AFTER = 1.0  # seconds without messages after which the consumer counts as caught up
@@ -106,28 +107,46 @@ def _payload_bytes(msgs: list[Message]) -> int:
 Queued = tuple[list[Message], asyncio.Future[list[DecodedPart] | None] | None]
 
 
-def join_decoded(chunk: list[Message], decoded: list[DecodedPart], queue: asyncio.Queue[Queued],
-                 limit: int) -> tuple[list[Message], list[DecodedPart], Queued | None]:
-    """`chunk` and the queued chunks right behind it whose decoding is done, as one batch of
-    at most about `limit` payload bytes: (messages, parts, the chunk taken out of the queue
-    but not joined, which goes next). A chunk still decoding, or one to decode in process,
-    is never joined: the fold does not wait for the helper to grow a batch."""
+class ChunkQueue(asyncio.Queue[Queued]):
+    """The agent -> fold queue, whose head can be looked at without taking it (asyncio's
+    queues keep their items in `_queue`, the attribute their subclasses are meant to use):
+    a chunk that is not joined stays queued, so it keeps its slot and the bound holds."""
+
+    def peek(self) -> Queued:
+        return self._queue[0]  # type: ignore[attr-defined, no-any-return]
+
+
+def join_budget(config: Config) -> int:
+    """Payload bytes of decoded chunks a batch may be joined up to; 0: no joining.
+
+    Nothing is joined without a decode helper (nothing is decoded ahead), nor with the raw
+    archive on: that worker is bound by PostgreSQL's archive upserts (folding waits for
+    them), joining did not make it faster on the benchmark (12,792-15,324 events/s either
+    way), and its chunks also carry their COPY text (peak RSS 883-996 MB joined, 885-940 not).
+    """
+    return FOLD_JOIN_BYTES if config.decode_processes and not config.archive else 0
+
+
+def join_decoded(chunk: list[Message], decoded: list[DecodedPart], queue: ChunkQueue,
+                 limit: int) -> tuple[list[Message], list[DecodedPart]]:
+    """`chunk` and the queued chunks right behind it whose decoding is done, as one batch,
+    while the batch holds less than `limit` payload bytes (so at most `limit` plus one chunk).
+    A chunk still decoding, or one to decode in process, stays queued, and so do the ones
+    behind it: the fold does not wait for the helper to grow a batch."""
     chunks, parts = [chunk], [decoded]
     size = _payload_bytes(chunk)
-    carried: Queued | None = None
     while size < limit and not queue.empty():
-        nxt = queue.get_nowait()
-        fut = nxt[1]
+        nxt, fut = queue.peek()
         result = fut.result() if fut is not None and fut.done() else None
         if result is None:
-            carried = nxt
             break
-        chunks.append(nxt[0])
+        queue.get_nowait()
+        chunks.append(nxt)
         parts.append(result)
-        size += _payload_bytes(nxt[0])
+        size += _payload_bytes(nxt)
     if len(chunks) == 1:
-        return chunk, decoded, carried
-    return [m for c in chunks for m in c], merge_batches(parts), carried
+        return chunk, decoded
+    return [m for c in chunks for m in c], merge_batches(parts)
 
 
 def caught_up(next_offsets: dict[int, int], highwater: Callable[[int], int | None]) -> bool:
@@ -265,15 +284,11 @@ class WorkerShell:
         # A micro-batch queued here when the group rebalances may be folded after its partitions
         # were re-assigned: each message carries the generation it was fetched in, and the
         # processor drops those of an older generation than the partition's assignment.
-        # Deep enough to hold the chunks joined behind the one being folded. With the raw
-        # archive on, nothing is joined: that worker is bound by PostgreSQL's archive upserts
-        # (folding waits for them), so joining did not speed it up on the benchmark (12,792-
-        # 15,324 events/s either way), and the chunks it holds also carry their COPY text
-        # (peak RSS 883-996 MB joined, 885-940 not: too close to 1 GB for no gain).
-        self.join_bytes = FOLD_BYTES if config.archive else FOLD_JOIN_BYTES
-        self.batches: asyncio.Queue[Queued] = asyncio.Queue(
-            maxsize=max(self.join_bytes // FOLD_BYTES, config.decode_processes))
-        self.carried: Queued | None = None  # the next chunk, taken out early by join_decoded
+        # Deep enough to hold the chunks a batch may be joined up to (`join_budget`). Raw
+        # chunks held: the batch being folded (up to 3 with joining), the queue, and the one
+        # the agent waits to put: up to 6 of 16 MB, against 3 without joining.
+        self.join_bytes = join_budget(config)
+        self.batches = ChunkQueue(maxsize=max(1, config.decode_processes, self.join_bytes // FOLD_BYTES))
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
         self.app.task(self._fold_loop)
         self.app.task(self._flush_loop)
@@ -378,26 +393,24 @@ class WorkerShell:
         """Fold micro-batches in order as the agent hands them over (their decoding under way).
 
         Behind a backlog, the chunks queued after the first whose decoding is already done
-        are folded with it in one call, up to `join_bytes` of payload: the fold's cost per
+        are folded with it as one batch, up to `join_bytes` of payload: the fold's cost per
         call and per key is then shared by more events (`core/column_concat`). Only decoded
         chunks are joined, so the fold never waits for the helper to join one more, and a
         worker keeping up with live traffic folds each micro-batch as it comes.
         """
         while not self.stopping:
-            chunk, decoding = self.carried or await self.batches.get()
-            self.carried = None
+            chunk, decoding = await self.batches.get()
             decoded = None
             if decoding is not None and self.decoder is not None:
                 decoded = await self.decoder.result(decoding)
             if self.stopping:
                 return
-            if decoded is not None:
+            if decoded is not None and self.join_bytes:
                 first = len(chunk)
-                chunk, decoded, self.carried = join_decoded(chunk, decoded, self.batches, self.join_bytes)
+                chunk, decoded = join_decoded(chunk, decoded, self.batches, self.join_bytes)
                 if len(chunk) > first:
-                    log.debug("folding decoded chunks joined: %d messages (%d in the first chunk), partitions %s%s",
-                              len(chunk), first, sorted(p.partition for p in decoded),
-                              "; the next chunk is still decoding" if self.carried is not None else "")
+                    log.debug("folding decoded chunks joined: %d messages (%d in the first chunk), partitions %s",
+                              len(chunk), first, sorted(p.partition for p in decoded))
             await self._handle(chunk, decoded)
 
     async def _handle(self, msgs: list[Message], decoded: list[DecodedPart] | None = None) -> None:

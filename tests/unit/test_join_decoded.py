@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
-from helpers import make_events
+from helpers import assert_same_columns, make_events
 
+from stream_agg.config import load_config
 from stream_agg.core.registry import default_registry
 from stream_agg.events import encode_event
 from stream_agg.kafka.decode_pool import DecodedPart, decode_batch
 from stream_agg.kafka.processor import Message
-from stream_agg.kafka.worker import Queued, _chunks, join_decoded
+from stream_agg.kafka.worker import FOLD_BYTES, FOLD_JOIN_BYTES, ChunkQueue, _chunks, join_budget, join_decoded
 
 
 def _sizes(chunks: list[list[Message]]) -> list[int]:
@@ -30,17 +31,22 @@ def test_chunks_end_on_the_message_that_reaches_the_limit() -> None:
     assert [len(c) for c in _chunks(big, 1000)] == [1, 1]
 
 
-def _batch(partitions: list[int], first: int, registry_caps: int = 10) -> tuple[list[Message], list[DecodedPart]]:
+def _decode(msgs: list[Message]) -> list[DecodedPart]:
+    """What the helper sends back for these messages as one chunk."""
+    by_p: dict[int, list[tuple[int, bytes | None]]] = {}
+    for m in msgs:
+        by_p.setdefault(m.partition, []).append((m.offset, m.value))
+    return decode_batch(list(by_p.items()), False, default_registry({"user": 10}))
+
+
+def _batch(partitions: list[int], first: int) -> tuple[list[Message], list[DecodedPart]]:
     """A chunk of 2 messages (3 events each) per partition, and its decoding."""
     msgs = []
     for p in partitions:
         for k in range(2):
             events = make_events(3, seed=first * 10 + p * 3 + k, hours=2)
             msgs.append(Message(p, first + k, b"[" + b",".join(encode_event(e) for e in events) + b"]"))
-    by_p: dict[int, list[tuple[int, bytes | None]]] = {}
-    for m in msgs:
-        by_p.setdefault(m.partition, []).append((m.offset, m.value))
-    return msgs, decode_batch(list(by_p.items()), False, default_registry({"user": registry_caps}))
+    return msgs, _decode(msgs)
 
 
 def _done(value: list[DecodedPart] | None) -> asyncio.Future[list[DecodedPart] | None]:
@@ -52,48 +58,59 @@ def _done(value: list[DecodedPart] | None) -> asyncio.Future[list[DecodedPart] |
 def test_decoded_chunks_behind_the_first_are_joined_until_one_is_not_decoded() -> None:
     async def run() -> None:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Queued] = asyncio.Queue()
+        queue = ChunkQueue()
         c0, d0 = _batch([0, 1], 0)
         c1, d1 = _batch([1, 0], 2)
         c2, d2 = _batch([1], 4)
         c3, _ = _batch([0], 6)
+        c4, d4 = _batch([0], 8)
         pending: asyncio.Future[list[DecodedPart] | None] = loop.create_future()
-        for item in ((c1, _done(d1)), (c2, _done(d2)), (c3, pending)):
+        for item in ((c1, _done(d1)), (c2, _done(d2)), (c3, pending), (c4, _done(d4))):
             queue.put_nowait(item)
-        msgs, parts, carried = join_decoded(c0, d0, queue, limit=1 << 30)
+        msgs, parts = join_decoded(c0, d0, queue, limit=1 << 30)
         assert msgs == c0 + c1 + c2
-        assert carried is not None and carried[0] is c3 and carried[1] is pending and queue.empty()
-        assert [p.partition for p in parts] == [0, 1]
-        for part in parts:  # each partition's events, in message order, as one part
-            offsets = [m.offset for m in msgs if m.partition == part.partition]
-            assert part.messages == len(offsets)
-            assert np.array_equal(np.unique(part.offsets), offsets)
-            assert part.cols is not None and part.cols.size == part.offsets.size == 3 * len(offsets)
-            assert np.all(np.diff(part.offsets) >= 0)
+        # the chunk still decoding keeps its place, and the decoded one behind it waits with it
+        assert queue.qsize() == 2 and queue.get_nowait()[0] is c3 and queue.get_nowait()[0] is c4
+        # one part per partition, first seen first: what decoding the three chunks at once gives
+        whole = _decode(msgs)
+        assert [p.partition for p in parts] == [p.partition for p in whole] == [0, 1]
+        for got, want in zip(parts, whole, strict=True):
+            assert got.messages == want.messages and got.rejects == want.rejects
+            assert np.array_equal(got.offsets, want.offsets) and np.array_equal(got.ts, want.ts)
+            assert got.cols is not None and want.cols is not None
+            assert_same_columns(got.cols, want.cols)
     asyncio.run(run())
 
 
 def test_joining_stops_at_the_byte_limit_and_at_a_chunk_to_decode_in_process() -> None:
     async def run() -> None:
-        queue: asyncio.Queue[Queued] = asyncio.Queue()
+        queue = ChunkQueue()
         c0, d0 = _batch([0], 0)
         c1, d1 = _batch([0], 2)
         c2, d2 = _batch([0], 4)
         queue.put_nowait((c1, _done(d1)))
         queue.put_nowait((c2, _done(d2)))
         size = sum(_sizes([c0]))
-        msgs, parts, carried = join_decoded(c0, d0, queue, limit=size + 1)  # one more chunk passes the limit
-        assert msgs == c0 + c1 and carried is None and queue.qsize() == 1
+        msgs, parts = join_decoded(c0, d0, queue, limit=size + 1)  # under the limit: one more, then over it
+        assert msgs == c0 + c1 and queue.qsize() == 1
         assert parts[0].offsets.size == 12
-        msgs, parts, carried = join_decoded(c0, d0, queue, limit=size)  # the first alone reaches it
-        assert msgs is c0 and parts is d0 and carried is None and queue.qsize() == 1
+        msgs, parts = join_decoded(c0, d0, queue, limit=size)  # the first alone reaches it
+        assert msgs is c0 and parts is d0 and queue.qsize() == 1
+        failed = queue.get_nowait()
+        queue.put_nowait((failed[0], _done(None)))  # the helper failed: decoded in process, alone
+        msgs, parts = join_decoded(c0, d0, queue, limit=1 << 30)
+        assert msgs is c0 and queue.qsize() == 1
         queue.get_nowait()
-        failed = _batch([0], 6)[0]
-        undecoded = _batch([0], 8)[0]
-        queue.put_nowait((failed, _done(None)))  # the helper failed: decoded in process, alone
-        msgs, parts, carried = join_decoded(c0, d0, queue, limit=1 << 30)
-        assert msgs is c0 and carried == (failed, carried[1]) and carried[1] is not None
-        queue.put_nowait((undecoded, None))  # no helper at all
-        msgs, parts, carried = join_decoded(c0, d0, queue, limit=1 << 30)
-        assert msgs is c0 and carried == (undecoded, None)
+        queue.put_nowait((c2, None))  # no helper at all
+        msgs, parts = join_decoded(c0, d0, queue, limit=1 << 30)
+        assert msgs is c0 and queue.qsize() == 1
     asyncio.run(run())
+
+
+def test_chunks_are_joined_only_with_a_helper_and_the_archive_off() -> None:
+    def budget(archive: str, helpers: str) -> int:
+        return join_budget(load_config({"STREAM_AGG_ARCHIVE": archive, "STREAM_AGG_DECODE_PROCESSES": helpers}))
+
+    assert budget("false", "1") == FOLD_JOIN_BYTES > FOLD_BYTES
+    assert budget("true", "1") == 0
+    assert budget("false", "0") == 0
