@@ -141,16 +141,16 @@ def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: st
         assert conn.execute("SELECT count(*) FROM traces").fetchone()[0] == len(events)
 
 
-# The worker in a subprocess with chunks of ~2 messages, so a backlog of small messages is
+# The worker in a subprocess with chunks of ~1 message, so a backlog of small messages is
 # decoded in many chunks and the fold joins those already decoded (`join_decoded`).
-SMALL_CHUNKS = ("import stream_agg.kafka.worker as w; w.FOLD_BYTES = 60_000; w.FOLD_JOIN_BYTES = 600_000; "
+SMALL_CHUNKS = ("import stream_agg.kafka.worker as w; w.FOLD_BYTES = 25_000; w.FOLD_JOIN_BYTES = 250_000; "
                 "from stream_agg.cli import main; main()")
 
 
 def test_backlog_folded_in_joined_chunks_across_a_kill(cfg: Config, tmp_path: Path) -> None:
     """Decoded chunks folded as one batch (some partitions in some chunks only), and a SIGKILL
     in the middle: the rows still equal numpy over the events."""
-    payloads = generate_events(30_000, seed=13, start=START, hours=12, users=300)
+    payloads = generate_events(12_000, seed=13, start=START, hours=12, users=300)
     produce(cfg, payloads, batch=50)
     total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
     debug = {"STREAM_AGG_LOG_LEVEL": "DEBUG", "STREAM_AGG_ARCHIVE": "false"}  # archive on: nothing is joined
