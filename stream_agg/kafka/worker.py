@@ -99,6 +99,15 @@ def _chunks(msgs: list[Message], limit: int) -> list[list[Message]]:
     return out
 
 
+def _offset_ranges(msgs: list[Message]) -> str:
+    """Where a batch comes from, for logs: a batch may span partitions (and joined chunks)."""
+    spans: dict[int, tuple[int, int]] = {}
+    for m in msgs:
+        lo, hi = spans.get(m.partition, (m.offset, m.offset))
+        spans[m.partition] = (min(lo, m.offset), max(hi, m.offset))
+    return ", ".join(f"partition={p} offsets {lo}..{hi}" for p, (lo, hi) in sorted(spans.items()))
+
+
 def _payload_bytes(msgs: list[Message]) -> int:
     return sum(len(m.value or b"") for m in msgs)
 
@@ -461,13 +470,12 @@ class WorkerShell:
             except (psycopg.Error, OSError) as exc:  # the batch is retried; nothing was changed
                 self.metrics.db_up.set(0)
                 self.metrics.paused.set(1)
-                log.warning("processing paused (partition=%s offsets %d..%d): %s; retrying in %.0fs",
-                            msgs[0].partition, msgs[0].offset, msgs[-1].offset, describe_db_error(exc), delay)
+                log.warning("processing paused (%s): %s; retrying in %.0fs", _offset_ranges(msgs),
+                            describe_db_error(exc), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_BACKOFF)
             except Exception as exc:
-                log.exception("internal error processing partition=%s offsets %d..%d; stopping the worker",
-                              msgs[0].partition, msgs[0].offset, msgs[-1].offset)
+                log.exception("internal error processing %s; stopping the worker", _offset_ranges(msgs))
                 await self.app.crash(exc)
                 raise
             finally:

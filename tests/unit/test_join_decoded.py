@@ -12,7 +12,15 @@ from stream_agg.core.registry import default_registry
 from stream_agg.events import encode_event
 from stream_agg.kafka.decode_pool import DecodedPart, decode_batch
 from stream_agg.kafka.processor import Message
-from stream_agg.kafka.worker import FOLD_BYTES, FOLD_JOIN_BYTES, ChunkQueue, _chunks, join_budget, join_decoded
+from stream_agg.kafka.worker import (
+    FOLD_BYTES,
+    FOLD_JOIN_BYTES,
+    ChunkQueue,
+    _chunks,
+    _offset_ranges,
+    join_budget,
+    join_decoded,
+)
 
 
 def _sizes(chunks: list[list[Message]]) -> list[int]:
@@ -114,3 +122,8 @@ def test_chunks_are_joined_only_with_a_helper_and_the_archive_off() -> None:
     assert budget("false", "1") == FOLD_JOIN_BYTES > FOLD_BYTES
     assert budget("true", "1") == 0
     assert budget("false", "0") == 0
+
+
+def test_a_batch_is_logged_by_partition_and_offset_range() -> None:
+    msgs = [Message(3, 10, b""), Message(1, 7, b""), Message(3, 12, b""), Message(1, 9, b"")]
+    assert _offset_ranges(msgs) == "partition=1 offsets 7..9, partition=3 offsets 10..12"
