@@ -13,6 +13,7 @@ from stream_agg.core.cardinality import capped_values
 from stream_agg.core.fold import Columns
 from stream_agg.core.registry import DIMENSIONS, OTHER, Registry
 from stream_agg.events import TraceEvent
+from stream_agg.kafka.decode_pool import DecodedPart
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -132,3 +133,12 @@ def assert_same_columns(a: Columns, b: Columns) -> None:
         for k, v in la.codes.items():
             assert la.labels[k] == lb.labels[k], (name, k)
             assert np.array_equal(v, lb.codes[k]), (name, k)
+
+
+def assert_same_part(a: DecodedPart, b: DecodedPart) -> None:
+    """Two decoded parts say the same: messages, rejects, archive text, offsets, times, columns."""
+    assert (a.partition, a.messages, a.rejects, a.archive) == (b.partition, b.messages, b.rejects, b.archive)
+    assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.ts, b.ts)
+    assert (a.cols is None) == (b.cols is None)
+    if a.cols is not None and b.cols is not None:
+        assert_same_columns(a.cols, b.cols)

@@ -82,7 +82,7 @@ def decode_partition(partition: int, messages: Sequence[tuple[int, bytes | None]
 
 def merge_parts(parts: Sequence[DecodedPart]) -> DecodedPart:
     """One partition's parts from consecutive chunks, in order, as if decoded in one piece
-    (the worker folds the chunks already decoded in one call: `column_concat`)."""
+    (the worker folds the chunks already decoded as one batch: `column_concat`)."""
     first = parts[0]
     if len(parts) == 1:
         return first

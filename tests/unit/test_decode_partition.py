@@ -6,12 +6,12 @@ import pickle
 
 import numpy as np
 import pytest
-from helpers import assert_same_columns, make_events
+from helpers import assert_same_columns, assert_same_part, make_events
 
 from stream_agg.core.fold import to_columns
 from stream_agg.core.registry import default_registry
 from stream_agg.events import decode_message, encode_event
-from stream_agg.kafka.decode_pool import DecodedPart, decode_partition, merge_batches, merge_parts
+from stream_agg.kafka.decode_pool import decode_partition, merge_batches, merge_parts
 from stream_agg.store import archive_copy
 
 
@@ -53,14 +53,6 @@ def test_a_partition_without_valid_events_has_no_columns() -> None:
                                             decode_message(b"[]").rejects[0].reason]
 
 
-def _same_part(a: DecodedPart, b: DecodedPart) -> None:
-    assert (a.partition, a.messages, a.rejects, a.archive) == (b.partition, b.messages, b.rejects, b.archive)
-    assert np.array_equal(a.offsets, b.offsets) and np.array_equal(a.ts, b.ts)
-    assert (a.cols is None) == (b.cols is None)
-    if a.cols is not None and b.cols is not None:
-        assert_same_columns(a.cols, b.cols)
-
-
 @pytest.mark.parametrize("archive", [False, True])
 def test_parts_of_consecutive_chunks_merge_into_the_part_of_all_messages(archive: bool) -> None:
     """The worker folds chunks decoded one by one as one batch: merged, they are what decoding
@@ -70,7 +62,7 @@ def test_parts_of_consecutive_chunks_merge_into_the_part_of_all_messages(archive
     chunks = [msgs[:1], msgs[1:2], msgs[2:]]
     parts = [decode_partition(3, c, reg, archive) for c in chunks]
     assert parts[1].cols is None
-    _same_part(merge_parts(parts), decode_partition(3, msgs, reg, archive))
+    assert_same_part(merge_parts(parts), decode_partition(3, msgs, reg, archive))
     assert merge_parts(parts[:1]) is parts[0]
     with pytest.raises(ValueError, match="different partitions"):
         merge_parts([parts[0], decode_partition(4, chunks[2], reg, archive)])
@@ -84,5 +76,5 @@ def test_batches_merge_into_one_part_per_partition_in_message_order() -> None:
     second = [decode_partition(2, b[100:], reg, False), decode_partition(5, a[2:], reg, False)]
     merged = merge_batches([first, second])
     assert [p.partition for p in merged] == [5, 2]
-    _same_part(merged[0], decode_partition(5, a, reg, False))
-    _same_part(merged[1], decode_partition(2, b, reg, False))
+    assert_same_part(merged[0], decode_partition(5, a, reg, False))
+    assert_same_part(merged[1], decode_partition(2, b, reg, False))
