@@ -36,7 +36,14 @@ from stream_agg.core.buckets import GRANULARITIES, HOUR, bucket_starts
 from stream_agg.core.partition_state import BucketId, Key, PartitionState
 from stream_agg.core.registry import ALL, DIMENSIONS, OTHER, Level, Metric, Registry
 from stream_agg.core.sample import SMALL_SAMPLE, Sample, absorb, combine, digest_of, sample_of
-from stream_agg.core.state_table import PENDING_VALUES, Interner, StateTable, composite, member_of_sorted
+from stream_agg.core.state_table import (
+    PENDING_VALUES,
+    Interner,
+    StateTable,
+    composite,
+    member_of_sorted,
+    sorted_unique,
+)
 
 __all__ = ["BucketId", "Columns", "FoldResult", "Key", "LevelColumns", "PartitionState", "event_times", "fold",
            "fold_events", "to_columns"]
@@ -105,7 +112,7 @@ class Columns:
             out: set[BucketId] = {("hour", h) for h in uh.tolist()}
             for g in GRANULARITIES:
                 if g != "hour":
-                    out.update((g, int(b)) for b in np.unique(bucket_starts(uh.astype(np.float64), g)).tolist())
+                    out.update((g, int(b)) for b in sorted_unique(bucket_starts(uh.astype(np.float64), g)).tolist())
             self._buckets = out
         return set(self._buckets)
 
@@ -134,7 +141,7 @@ def _distinct(starts: I64, step: int) -> I64:
     lo, hi = int(starts.min()), int(starts.max())
     span = (hi - lo) // step + 1
     if span > 4 * starts.size + 1024:
-        return np.unique(starts)
+        return sorted_unique(starts)
     seen = np.zeros(span, dtype=bool)
     seen[(starts - lo) // step] = True
     return lo + np.flatnonzero(seen) * step
@@ -733,7 +740,7 @@ def _capped(
     run.buckets, run.old, run.new, run.gone = buckets, olds, list(olds), [None] * len(buckets)
     unknown = np.flatnonzero(~hit & (ids_all != other))
     if unknown.size:
-        for k in np.unique(np.searchsorted(cuts, unknown, side="right")).tolist():
+        for k in sorted_unique(np.searchsorted(cuts, unknown, side="right")).tolist():
             lo, hi = edges[k], edges[k + 1]
             bucket, old = buckets[k], olds[k]
             new, gone, mapped = _cap_bucket(old, ids_all[lo:hi], other, cap, interner)
@@ -767,10 +774,10 @@ def _cap_bucket(old: I64 | None, ids: I64, other: int, cap: int,
             fresh &= hashes[ids] <= hashes[kept].max()
             if not fresh.any():
                 return kept, None, np.where(hit, ids, other)
-        newcomers = np.unique(ids[fresh])
+        newcomers = sorted_unique(ids[fresh])
     else:
         kept = None
-        newcomers = np.unique(ids[ids != other])
+        newcomers = sorted_unique(ids[ids != other])
         if newcomers.size == 0:
             return None, None, None
     cand = newcomers if kept is None else np.concatenate((kept, newcomers))
@@ -808,7 +815,7 @@ def _smallest(cand: I64, hashes: I64, k: int, labels: list[str]) -> I64:
     """The k ids of smallest (hash, value)."""
     order = np.argsort(hashes, kind="stable")
     sh = hashes[order]
-    if np.unique(sh).size != sh.size:  # a 60-bit tie: order those by value, as the SQL does
+    if sorted_unique(sh).size != sh.size:  # a 60-bit tie: order those by value, as the SQL does
         order = np.asarray(sorted(order.tolist(), key=lambda i: (int(hashes[i]), labels[int(cand[i])])))
     return cand[order[:k]]
 

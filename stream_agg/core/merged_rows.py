@@ -33,6 +33,7 @@ from stream_agg.core.state_table import (
     LABEL_SPACE,
     Interner,
     member_of_sorted,
+    sorted_unique,
 )
 
 QUANTILES = (0.5, 0.95, 0.99)
@@ -120,7 +121,7 @@ def iter_merged_blocks(pstates: Sequence[PartitionState], buckets: Collection[Bu
     wanted: dict[str, list[int]] = {}
     for g, b in buckets:
         wanted.setdefault(g, []).append(b // HOUR)
-    hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in wanted.items()}
+    hours = {g: sorted_unique(np.asarray(v, dtype=np.int64)) for g, v in wanted.items()}
     glob: dict[str, Interner] = {}
     trans: dict[tuple[int, str], I64] = {}
     tids: dict[TableId, None] = {}
@@ -187,7 +188,7 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
                 parts.append(_globalize(comps, _translation(i, ps, dim, glob, trans)))
         if not parts:
             return None
-        only = np.unique(np.concatenate(parts))
+        only = sorted_unique(np.concatenate(parts))
     held: list[tuple[Any, I64, I64]] = []  # (table, positions, keys in the shared id space) per partition
     for i, ps in enumerate(pstates):
         t = ps.tables.get(tid)
@@ -225,7 +226,7 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
     for t, slots in slots_all:  # partition by partition: inv[start:stop] are this one's rows
         stop = start + slots.size
         r = inv[start:stop]  # distinct within one partition, unless renamed
-        if renamed and r.size > 1 and np.unique(r).size < r.size:
+        if renamed and r.size > 1 and sorted_unique(r).size < r.size:
             np.add.at(count, r, t.count[slots])
             np.add.at(total, r, t.total[slots])
             np.minimum.at(lo, r, t.lo[slots])
@@ -254,7 +255,7 @@ def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId,
     g, metric, dim = tid
     other = interner.one(OTHER)
     hashes = interner.hashes()
-    union = np.unique(np.concatenate([gk for _, _, gk in held]))
+    union = sorted_unique(np.concatenate([gk for _, _, gk in held]))
     decision = cut_union(union, interner.labels, hashes, other, cap)
     if not decision.cuts:
         return held, only, False
@@ -267,7 +268,7 @@ def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId,
         return held, only, False
     if only is not None:
         over = np.intersect1d(touched, decision.out >> LABEL_BITS)
-        only = np.union1d(only[~member_of_sorted(decision.out, only)], over * LABEL_SPACE + other)
+        only = sorted_unique(np.concatenate((only[~member_of_sorted(decision.out, only)], over * LABEL_SPACE + other)))
     renamed = []
     for t, pos, gk in held:
         hit = member_of_sorted(decision.out, gk)

@@ -26,7 +26,16 @@ from stream_agg.core.aggstate import (
 )
 from stream_agg.core.registry import OTHER, Registry
 from stream_agg.core.sample import to_digest
-from stream_agg.core.state_table import I64, LABEL_MASK, LABEL_SPACE, Interner, StateTable, bucket_of, composite
+from stream_agg.core.state_table import (
+    I64,
+    LABEL_MASK,
+    LABEL_SPACE,
+    Interner,
+    StateTable,
+    bucket_of,
+    composite,
+    sorted_unique,
+)
 
 Key = tuple[str, int, str, str, str]
 BucketId = tuple[str, int]
@@ -57,7 +66,7 @@ class Changes:
     def buckets(self) -> set[BucketId]:
         out = {(k[0], k[1]) for k in self.removed}
         for (g, _, _), comps in self.tables.items():
-            out.update((g, b) for b in np.unique(bucket_of(comps)).tolist())
+            out.update((g, b) for b in sorted_unique(bucket_of(comps)).tolist())
         return out
 
 
@@ -149,7 +158,7 @@ class PartitionState:
                 mine = lids if other is None else lids[lids != other]
                 scope: CapScope = (g, b, metric, dim)
                 have = self.kept.get(scope)
-                self.kept[scope] = mine if have is None else np.union1d(have, mine)
+                self.kept[scope] = mine if have is None else sorted_unique(np.concatenate((have, mine)))
         return len(items)
 
     def _keys(self, t: StateTable, comps: I64) -> list[Key]:
@@ -319,7 +328,7 @@ class PartitionState:
         for t in self.tables.values():
             if t.any_dirty:
                 slots = np.flatnonzero(t.dirty[: t.used])
-                out.update((t.granularity, int(b)) for b in np.unique(bucket_of(t.slot_key[slots])).tolist())
+                out.update((t.granularity, int(b)) for b in sorted_unique(bucket_of(t.slot_key[slots])).tolist())
         return out
 
     # ------------------------------------------------------------------ eviction
@@ -347,7 +356,7 @@ class PartitionState:
             tables = [t for (_, _, d), t in self.tables.items() if d == dim]
             live_parts = [t.keys & LABEL_MASK for t in tables]
             live_parts += [v for s, v in self.kept.items() if s[3] == dim]
-            live = np.unique(np.concatenate(live_parts)) if live_parts else np.empty(0, dtype=np.int64)
+            live = sorted_unique(np.concatenate(live_parts)) if live_parts else np.empty(0, dtype=np.int64)
             remap = it.compact(live)
             if remap is None:
                 continue

@@ -49,6 +49,22 @@ def member_of_sorted(sorted_ids: I64, ids: I64) -> npt.NDArray[np.bool_]:
     return sorted_ids[np.minimum(pos, sorted_ids.size - 1)] == ids
 
 
+def sorted_unique(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """`np.unique(a)` for integer arrays, by a sort and a mask.
+
+    Why: numpy 2.3 made `np.unique` without indices build a hash set, then sort it: on the
+    merge's composite keys that was 7-15x slower than sorting (600,000 keys: 152 ms against
+    11 ms), and np.unique was 42% of the flush's row merge. `np.union1d` and
+    `np.intersect1d` go through it too. Not for floats (NaN would not collapse)."""
+    out = np.sort(a, axis=None)
+    if out.size < 2:
+        return out
+    keep = np.empty(out.size, dtype=bool)
+    keep[0] = True
+    np.not_equal(out[1:], out[:-1], out=keep[1:])
+    return out[keep]
+
+
 def bucket_of(keys: I64 | int) -> Any:
     """Bucket start (epoch seconds) of composite key(s)."""
     return (keys >> LABEL_BITS) * HOUR
@@ -284,7 +300,7 @@ class StateTable:
 
     def buckets(self) -> I64:
         """Distinct bucket starts held."""
-        return np.unique(bucket_of(self.keys)) if self.keys.size else np.empty(0, dtype=np.int64)
+        return sorted_unique(bucket_of(self.keys)) if self.keys.size else np.empty(0, dtype=np.int64)
 
     def relabel(self, remap: I64) -> None:
         """Apply an `Interner.compact` renumbering to every key."""

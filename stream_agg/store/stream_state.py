@@ -49,7 +49,7 @@ from stream_agg.core.global_cap import Cut, Scope, cap_states
 from stream_agg.core.merged_rows import RowBlock, blocks_from_states
 from stream_agg.core.partition_state import MAX_DELTAS
 from stream_agg.core.registry import OTHER
-from stream_agg.core.state_table import HOUR, member_of_sorted
+from stream_agg.core.state_table import HOUR, member_of_sorted, sorted_unique
 from stream_agg.store import rows_copy
 from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
 from stream_agg.store.db import connect
@@ -486,7 +486,7 @@ class StreamStore:
         fed = isinstance(blocks, RowFeed)  # the locks are taken before its blocks come: checked as they do
         if not fed:
             for block in blocks:
-                buckets.update((block.granularity, h * HOUR) for h in np.unique(block.hours).tolist())
+                buckets.update((block.granularity, h * HOUR) for h in sorted_unique(block.hours).tolist())
         if not buckets:
             for block in blocks:  # an empty feed still ends (a block here has no lock: an error)
                 _check_locked(block, set())
@@ -541,7 +541,7 @@ class StreamStore:
 
 def _check_locked(block: RowBlock, locked: set[BucketId]) -> None:
     """A fed block may hold only rows of the buckets locked before it came (a bug otherwise)."""
-    outside = [h for h in np.unique(block.hours).tolist() if (block.granularity, h * HOUR) not in locked]
+    outside = [h for h in sorted_unique(block.hours).tolist() if (block.granularity, h * HOUR) not in locked]
     if outside:
         raise ValueError(f"a fed block has rows of {block.granularity} bucket(s) not locked: "
                          f"{[_ts(h * HOUR).isoformat() for h in outside[:3]]}")
@@ -595,7 +595,7 @@ def _capped_scopes(blocks: Sequence[RowBlock], gone: Sequence[Key], caps: Mappin
     out = {(k[0], k[1], k[2], k[3]) for k in gone if k[3] in caps}
     for b in blocks:
         if b.dimension in caps and len(b):
-            out.update((b.granularity, h * HOUR, b.metric, b.dimension) for h in np.unique(b.hours).tolist())
+            out.update((b.granularity, h * HOUR, b.metric, b.dimension) for h in sorted_unique(b.hours).tolist())
     return out
 
 
@@ -674,7 +674,7 @@ def _insert_fresh(cur: psycopg.Cursor, fresh: set[BucketId], first: list[RowBloc
     by: dict[str, list[int]] = defaultdict(list)
     for g, b in fresh:
         by[g].append(b // HOUR)
-    hours = {g: np.unique(np.asarray(v, dtype=np.int64)) for g, v in by.items()}
+    hours = {g: sorted_unique(np.asarray(v, dtype=np.int64)) for g, v in by.items()}
     every = []
     rest: list[RowBlock] = []
 
