@@ -9,9 +9,9 @@ flush (`take_changes`), not once per batch.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -121,6 +121,24 @@ class PartitionState:
     def _state(t: StateTable, slot: int) -> AggState:
         return AggState(int(t.count[slot]), float(t.total[slot]), float(t.lo[slot]), float(t.hi[slot]),
                         to_digest(t.digests[slot]), int(t.applied[slot]))
+
+    def held(self, keys: Iterable[Key]) -> set[Key]:
+        """Those of `keys` with a state here: one `lookup` per table, and no AggState made
+        (the flush asks this of every key a partition pushed into __other__, thousands per
+        flush behind a backlog; `get` per key was half of taking the snapshot)."""
+        by_table: dict[TableId, list[Key]] = {}
+        for k in keys:
+            by_table.setdefault((k[0], k[2], k[3]), []).append(k)
+        out: set[Key] = set()
+        for tid, ks in by_table.items():
+            t, it = self.tables.get(tid), self.interners.get(tid[2])
+            if t is None or it is None:
+                continue
+            lids = np.fromiter((it.ids.get(k[4], -1) for k in ks), dtype=np.int64, count=len(ks))
+            comps = composite(np.fromiter((k[1] for k in ks), dtype=np.int64, count=len(ks)), np.maximum(lids, 0))
+            hit = (lids >= 0) & (t.lookup(comps) >= 0)
+            out.update(compress(ks, hit.tolist()))
+        return out
 
     def get(self, key: Key) -> AggState | None:
         """The state of `key` (a new AggState sharing the live digest: copy before changing it)."""

@@ -553,8 +553,9 @@ class Processor:
                                                               for p, _ in ctxs], also=removed, cuts=payload.cuts)
             # pushed into __other__ everywhere: no partial is left, so the row goes (rows past
             # the cap over all partitions go by `payload.cuts`)
-            payload.gone = sorted(k for k in removed if (k[0], k[1]) in complete
-                                  and all(ps.get(k) is None for ps in pstates))
+            candidates = [k for k in removed if (k[0], k[1]) in complete]
+            still = set().union(*(ps.held(candidates) for ps in pstates)) if candidates else set()
+            payload.gone = sorted(k for k in candidates if k not in still)
         payload.complete = complete
         for part in payload.partitions:
             ch = changes.get(part.partition)

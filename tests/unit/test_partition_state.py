@@ -280,3 +280,21 @@ def test_a_delta_over_the_stored_blob_gives_the_bucket_as_its_whole_blob() -> No
     assert any((k[0], k[1]) == b0 for k in changes.removed)
     plan = dict(ps.blob_plan(changes, dict.fromkeys(stored, 0)))
     assert plan[b0] is None
+
+
+def test_held_names_exactly_the_keys_with_a_state() -> None:
+    """`held` (one lookup per table) agrees with `get` per key: keys of this partition, of
+    another, pushed into __other__ by the cap, of unknown values, tables and buckets."""
+    reg = default_registry({"user": 15})
+    parts = _partitions(make_events(3000, seed=5, hours=5, users=80), reg, n=2)
+    mine, other = parts
+    everything = sorted(set(mine.states) | set(other.states))
+    b = everything[0][1]
+    asked = everything + [("hour", b, "trace.duration_ms", "user", "nobody"),
+                          ("hour", b, "no.such_metric", "all", "all"),
+                          ("hour", b - 10 * 3600, "trace.duration_ms", "all", "all"),
+                          ("week", b, "trace.duration_ms", "kb", "kb-0")]
+    got = mine.held(asked)
+    assert got == {k for k in asked if mine.get(k) is not None}
+    assert got and len(got) < len(everything)  # the other partition holds keys this one does not
+    assert mine.held([]) == set()
