@@ -8,9 +8,11 @@ never see each other's data.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -78,6 +80,16 @@ def database_url(pg_server_url: str) -> Iterator[str]:
     with psycopg.connect(pg_server_url, autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
                      .format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def default_metrics_port() -> Iterator[None]:
+    """Held by a test whose demo takes the default metrics port (9108 when free). The tests run
+    in two processes, and two demos starting together could both find 9108 free: the second
+    worker would then fail to bind it. Tests that need no default pass a port of their own."""
+    with open(Path(tempfile.gettempdir()) / "stream-agg-tests-metrics-9108.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture

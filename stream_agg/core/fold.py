@@ -815,7 +815,7 @@ def _smallest(cand: I64, hashes: I64, k: int, labels: list[str]) -> I64:
     """The k ids of smallest (hash, value)."""
     order = np.argsort(hashes, kind="stable")
     sh = hashes[order]
-    if sorted_unique(sh).size != sh.size:  # a 60-bit tie: order those by value, as the SQL does
+    if (sh[1:] == sh[:-1]).any():  # a 60-bit tie (sh is sorted): order those by value, as the SQL does
         order = np.asarray(sorted(order.tolist(), key=lambda i: (int(hashes[i]), labels[int(cand[i])])))
     return cand[order[:k]]
 

@@ -313,7 +313,7 @@ class PartitionState:
             slots = t.take_dirty()
             if slots.size:
                 tables[tid] = np.sort(t.slot_key[slots])
-        removed = {k for k in self.removed if self._locate(k) is None}  # else re-added: in `tables`
+        removed = self.removed - self.held(self.removed)  # else re-added: in `tables`
         self.removed = set()
         return Changes(tables, removed)
 
@@ -324,7 +324,7 @@ class PartitionState:
             if t is not None:
                 slots = t.lookup(comps)
                 t.mark_dirty(slots[slots >= 0])
-        self.removed |= {k for k in changes.removed if self._locate(k) is None}
+        self.removed |= changes.removed - self.held(changes.removed)
 
     def keys_of(self, changes: Changes, skip: Collection[BucketId] = ()) -> set[Key]:
         """The changed and removed keys of `changes` as Keys, but those of buckets in `skip`."""

@@ -15,6 +15,8 @@ import psutil
 import psycopg
 import pytest
 
+from stream_agg.devstack import free_port
+
 SENT = re.compile(r"sent ([\d,]+) events \(([\d,]+) on time, ([\d,]+) late, ([\d,]+) too late\) and ([\d,]+) "
                   r"invalid messages; ([\d,]+) aggregated")
 DLQ = re.compile(r"DLQ ([\d,]+) \(invalid ([\d,]+), too late ([\d,]+)\)")
@@ -81,7 +83,7 @@ def query(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_demo_for_60_seconds_aggregates_everything_and_stops_everything(database_url, tmp_path):
     env = clean_env(STREAM_AGG_DATABASE_URL=database_url)
-    demo = Watched(["--duration", "60"], env, tmp_path / "demo.log")
+    demo = Watched(["--duration", "60", "--metrics-port", str(free_port())], env, tmp_path / "demo.log")
     code = demo.wait(150)
     out = demo.output()
     assert code == 0, out[-4000:]
@@ -117,7 +119,7 @@ def test_demo_for_60_seconds_aggregates_everything_and_stops_everything(database
     assert res.returncode == 0 and re.search(r"\schat\s+\d+", res.stdout), res.stdout + res.stderr
 
 
-def test_ctrl_c_stops_everything_and_removes_the_demo_database(tmp_path):
+def test_ctrl_c_stops_everything_and_removes_the_demo_database(tmp_path, default_metrics_port):
     """No settings at all (the README's first command): Ctrl-C to the whole job, as a terminal sends it."""
     demo = Watched(["--refresh", "2"], clean_env(), tmp_path / "demo.log")
     demo.wait(120, until="by operation type")

@@ -136,7 +136,7 @@ def test_skipped_stream_agg_commands_are_real():
 # ----------------------------------------------------------------------------- running them
 
 
-def test_readme_commands_run_as_written(broker_bootstrap, database_url, topic, tmp_path):
+def test_readme_commands_run_as_written(broker_bootstrap, database_url, topic, tmp_path, default_metrics_port):
     from worker_support import FAST, wait_caught_up
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_AGG_")}

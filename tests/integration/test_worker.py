@@ -103,37 +103,42 @@ def _second_db(url: str, admin_url: str, request: pytest.FixtureRequest) -> str:
 def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: str, tmp_path: Path,
                                                   request: pytest.FixtureRequest) -> None:
     payloads = generate_events(100_000, seed=11, start=START, hours=20, users=500)
-    produce(cfg, payloads, batch=200)
-    total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
+    # The stream is produced in four parts, the next one only once a kill is done: every kill
+    # lands mid-stream by construction, whatever the machine's speed (one flush of a loaded
+    # run can make most of a topic loaded beforehand durable at once).
+    cuts = [0, 35_000, 60_000, 85_000, len(payloads)]
+    produce(cfg, payloads[:cuts[1]], batch=200)
     other_db = _second_db(cfg.database_url, pg_server_url, request)
     clean = cfg.with_overrides(database_url=other_db, group_id=cfg.group_id + "-clean")
+
+    def durable() -> int:
+        return sum(durable_offsets(cfg.database_url, stream_of(cfg)).values())
+
+    killed_at: list[int] = []  # durable messages when each kill was decided
     try:
-        uninterrupted = WorkerProcess(clean, tmp_path / "clean.log").start()
-        # Flushing every second (the uninterrupted run: every 5 s) keeps durable steps small, so
-        # the kills land mid-stream on a loaded machine too, and the rows must not depend on it.
-        fast = {"STREAM_AGG_FLUSH_INTERVAL": "1s"}
-        crashing = WorkerProcess(cfg, tmp_path / "crash.log", **fast).start()
-        kills, killed_at = 0, []
-        for fraction in (0.15, 0.45, 0.8):
-            # Each kill waits for the fraction *and* for this instance's own progress: one flush
-            # of a slow (loaded) run may carry the stream past the next fraction, and a kill
-            # right after a restart would find the new instance not even started.
-            durable = started_from = sum(durable_offsets(cfg.database_url, stream_of(cfg)).values())
-            target = min(total, max(fraction * total, started_from + 1))
+        # flushing every 5 s, the crashing worker every second: the rows must not depend on it
+        uninterrupted = WorkerProcess(clean, tmp_path / "clean.log", STREAM_AGG_FLUSH_INTERVAL="5s").start()
+        crashing = WorkerProcess(cfg, tmp_path / "crash.log").start()
+        for part in range(1, 4):
+            # Read once this instance is positioned (a commit the killed one sent just before
+            # dying is visible by then) and before the next part exists: progress past this
+            # is this instance's own, and there is always some to make.
+            crashing.wait_for_log("positioned partitions")
+            started_from = now = durable()
+            if part > 1:
+                produce(cfg, payloads[cuts[part - 1]:cuts[part]], batch=200)
             deadline = time.monotonic() + 120
-            while durable < target:
-                assert time.monotonic() < deadline, crashing.log_text()[-3000:]
-                assert crashing.alive(), crashing.log_text()[-3000:]
+            while now <= started_from:
+                assert time.monotonic() < deadline and crashing.alive(), crashing.log_text()[-3000:]
                 time.sleep(0.05)
-                durable = sum(durable_offsets(cfg.database_url, stream_of(cfg)).values())
-            time.sleep(np.random.default_rng(kills).uniform(0, 0.7))  # land anywhere, mid-flush too
-            if durable > started_from:  # it folded, so its decode helper runs (and must die with it)
-                assert children_of(crashing.pid), "the worker runs its decode helper"
-            killed_at.append(sum(durable_offsets(cfg.database_url, stream_of(cfg)).values()))
+                now = durable()
+            time.sleep(np.random.default_rng(part).uniform(0, 0.7))  # land anywhere, mid-flush too
+            assert children_of(crashing.pid), "the worker runs its decode helper"  # which must die with it
+            killed_at.append(now)
             crashing.kill()
-            kills += 1
-            crashing = WorkerProcess(cfg, tmp_path / f"crash{kills}.log", **fast).start()
-        crashing.wait_for_log("positioned partitions")
+            crashing = WorkerProcess(cfg, tmp_path / f"crash{part}.log").start()
+        produce(cfg, payloads[cuts[3]:], batch=200)
+        total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
         wait_caught_up(cfg, timeout=240, workers=[crashing])
         wait_caught_up(clean, timeout=240, workers=[uninterrupted])
         assert crashing.terminate() == 0
@@ -142,10 +147,8 @@ def test_sigkill_three_times_equals_uninterrupted(cfg: Config, pg_server_url: st
         for w in (locals().get("crashing"), locals().get("uninterrupted")):
             if w is not None:
                 w.kill()
-    assert kills == 3
-    # the first two kills land mid-stream whatever the machine's speed; the third, unless one
-    # flush carried the stream from the second kill's fraction to its end
-    assert killed_at[0] < killed_at[1] < total, (killed_at, total)
+    # three kills at growing points of the stream, the last one still before its end
+    assert killed_at == sorted(set(killed_at)) and len(killed_at) == 3 and killed_at[-1] < total, killed_at
     crashed_rows = fetch_rows(cfg.database_url)
     clean_rows = fetch_rows(other_db)
     assert_same_rows(crashed_rows, clean_rows)

@@ -272,3 +272,16 @@ def test_interner_adds_only_unknown_labels() -> None:
     assert it.intern(["c", "b", "c", "d"]).tolist() == [2, 1, 2, 3]
     assert it.labels == ["a", "b", "c", "d"] and it.one("b") == 1 and it.one("e") == 4
     assert it.hashes().tolist() == [cap_hash(v) for v in it.labels]
+
+
+def test_cap_candidates_with_equal_hashes_are_ordered_by_value() -> None:
+    """A 60-bit hash tie (never seen in practice, so forced here) is broken by the value, as
+    the SQL ranking does: which values a cap keeps must not depend on interning order."""
+    from stream_agg.core.fold import _smallest
+
+    labels = ["u-b", "u-a", "u-d", "u-c", "u-e", "u-f"]  # by label id
+    cand = np.array([3, 0, 4, 1, 2, 5], dtype=np.int64)  # label ids, in candidate order
+    hashes = np.array([7, 7, 1, 7, 9, 7], dtype=np.int64)  # per candidate
+    for k in range(1, 7):
+        want = sorted(range(cand.size), key=lambda i: (int(hashes[i]), labels[int(cand[i])]))[:k]
+        assert _smallest(cand, hashes, k, labels).tolist() == [int(cand[i]) for i in want]
