@@ -129,7 +129,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_size", _positive(int), "5000",
             "Messages taken per micro-batch (a micro-batch also ends at 16 MB of payload, "
             "or after STREAM_AGG_BATCH_TIMEOUT)"),
-    Setting("batch_timeout", _positive(_parse_duration), "0.2s", "Max wait to fill a micro-batch"),
+    Setting("batch_timeout", _positive(_parse_duration), "0.2s",
+            "Max wait to fill a micro-batch (1s suits topics of single-event messages: fewer, "
+            "bigger folds; a backlog's last micro-batch waits that long)"),
     Setting("archive", _parse_bool, "true", "Write valid events to the raw traces/spans tables"),
     Setting("max_pending_events", _positive(int), "2000000",
             "Folded-but-unflushed events held while PostgreSQL is down before consumption pauses"),

@@ -158,6 +158,15 @@ def join_decoded(chunk: list[Message], decoded: list[DecodedPart], queue: ChunkQ
     return [m for c in chunks for m in c], merge_batches(parts)
 
 
+def idle_after(config: Config) -> float:
+    """Seconds without a micro-batch after which the consumer counts as caught up (and what is
+    pending is flushed within a second): IDLE_AFTER, or two batch windows if longer. On a
+    quiet topic a take comes every STREAM_AGG_BATCH_TIMEOUT; with 1s (the setting that suits
+    single-event messages) the time between two takes must not count as idle, or the worker
+    would flush every second instead of every flush interval."""
+    return max(IDLE_AFTER, 2.0 * config.batch_timeout)
+
+
 def caught_up(next_offsets: dict[int, int], highwater: Callable[[int], int | None]) -> bool:
     """Whether every partition's next offset to fold has reached its high watermark (the
     offset after the last message Kafka reported); unknown watermarks count as behind."""
@@ -283,6 +292,7 @@ class WorkerShell:
         self.flush_task: asyncio.Future[bool] | None = None
         self.last_flush_seconds = 0.0
         self.last_batch = time.monotonic()  # when the agent last handed over messages
+        self.idle_after = idle_after(config)
         self.backlog = BacklogEnd()
         self.failures = 0
         self.stopping = False
@@ -498,7 +508,7 @@ class WorkerShell:
             else:
                 await asyncio.sleep(min(TICK, self.config.flush_interval / 2))
             self._update_lag()
-            idle = time.monotonic() - self.last_batch >= IDLE_AFTER or self._backlog_ended()
+            idle = time.monotonic() - self.last_batch >= self.idle_after or self._backlog_ended()
             if self.stopping or self._flushing():
                 continue
             if time.monotonic() - self.last_flush < self._next_delay(idle):
@@ -512,7 +522,7 @@ class WorkerShell:
         """A backlog has just been folded to the end of what Kafka held at its last fetch.
 
         Its end is then flushed at once, instead of a second later when no message has
-        come for IDLE_AFTER (which is what stays for a quiet topic, and for a partition
+        come for `idle_after` (which is what stays for a quiet topic, and for a partition
         whose high watermark is not known yet)."""
         if not self.backlog.behind:
             return self.backlog.due

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from stream_agg.kafka.worker import BacklogEnd, caught_up
+from stream_agg.config import load_config
+from stream_agg.kafka.worker import IDLE_AFTER, BacklogEnd, caught_up, idle_after
 
 
 def test_caught_up_only_when_every_partition_reached_its_high_watermark() -> None:
@@ -34,3 +35,10 @@ def test_the_end_of_a_backlog_is_signalled_once_and_live_traffic_never() -> None
     assert end.ended({0: 11}, high.get)  # a second backlog
     end.flushing()
     assert not end.ended({0: 11}, high.get)
+
+
+def test_idle_means_no_batch_for_two_batch_windows_or_a_second() -> None:
+    """A take on a quiet topic comes every batch timeout: the wait between two takes is not idle."""
+    assert idle_after(load_config(env={})) == IDLE_AFTER == 1.0  # default 0.2 s windows
+    assert idle_after(load_config(env={"STREAM_AGG_BATCH_TIMEOUT": "1s"})) == 2.0
+    assert idle_after(load_config(env={"STREAM_AGG_BATCH_TIMEOUT": "750ms"})) == 1.5
