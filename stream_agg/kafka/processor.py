@@ -554,7 +554,7 @@ class Processor:
             # pushed into __other__ everywhere: no partial is left, so the row goes (rows past
             # the cap over all partitions go by `payload.cuts`)
             candidates = [k for k in removed if (k[0], k[1]) in complete]
-            still = set().union(*(ps.held(candidates) for ps in pstates)) if candidates else set()
+            still = set().union(*(ps.held(candidates) for ps in pstates))
             payload.gone = sorted(k for k in candidates if k not in still)
         payload.complete = complete
         for part in payload.partitions:

@@ -46,7 +46,7 @@ FOLD_BYTES = 16 << 20  # payload bytes decoded per chunk: bounds the helper's de
 # on the benchmark, up to 2 by ~60 MB.
 FOLD_JOIN_BYTES = 2 * FOLD_BYTES
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
-IDLE_AFTER = 1.0  # seconds without messages after which the consumer counts as caught up
+IDLE_AFTER = 1.0  # at least this long without messages, the consumer counts as caught up (`idle_after`)
 TICK = 0.25  # seconds between the flush loop's checks
 ARCHIVE_BYTES = 64 << 20  # raw-archive COPY text held before folding waits for a flush
 
