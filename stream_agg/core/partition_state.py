@@ -9,11 +9,14 @@ flush (`take_changes`), not once per batch.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import compress, repeat
+from operator import attrgetter
 
 import numpy as np
+from fastdigest import TDigest
 
 from stream_agg.core.aggstate import (
     DIGEST_SAMPLE,
@@ -27,6 +30,7 @@ from stream_agg.core.aggstate import (
 from stream_agg.core.registry import OTHER, Registry
 from stream_agg.core.sample import to_digest
 from stream_agg.core.state_table import (
+    F64,
     I64,
     LABEL_MASK,
     LABEL_SPACE,
@@ -42,6 +46,7 @@ BucketId = tuple[str, int]
 TableId = tuple[str, str, str]  # (granularity, metric, dimension)
 CapScope = tuple[str, int, str, str]  # (granularity, bucket_start, metric, dimension_type)
 BlobPart = dict[TableId, I64] | None  # a delta's keys per table, or None: the whole bucket
+BucketSlice = tuple[str, str, StateTable, slice]  # (metric, dimension, table, positions of one bucket's keys)
 
 # Deltas over a stored bucket blob (`blob_plan`): at most this many are stacked before the
 # whole blob is written again, and only when at most 1/DELTA_SHARE of the states changed.
@@ -194,6 +199,25 @@ class PartitionState:
                 if rng.start != rng.stop:
                     yield metric, dim, t, rng
 
+    def bucket_slices(self, buckets: Collection[BucketId]) -> dict[BucketId, list[BucketSlice]]:
+        """`_bucket_tables` of many buckets at once: two `searchsorted` per table for all of
+        them, not two per table and bucket (a flush encodes hundreds of buckets)."""
+        by_g: dict[str, list[int]] = {}
+        for g, b in buckets:
+            by_g.setdefault(g, []).append(b)
+        out: dict[BucketId, list[BucketSlice]] = {bucket: [] for bucket in buckets}
+        for (g, metric, dim), t in self.tables.items():
+            starts = by_g.get(g)
+            if not starts or not t.keys.size:
+                continue
+            lo = composite(np.asarray(starts, dtype=np.int64), 0)
+            cut = np.searchsorted(t.keys, np.concatenate((lo, lo + LABEL_SPACE))).tolist()
+            k = len(starts)
+            for i, b in enumerate(starts):
+                if cut[i + k] > cut[i]:
+                    out[(g, b)].append((metric, dim, t, slice(cut[i], cut[i + k])))
+        return out
+
     def bucket_states(self, bucket: BucketId) -> Iterator[tuple[str, str, str, AggState]]:
         """(metric, dimension, value, state) of every key of one bucket (states share digests)."""
         for metric, dim, t, rng in self._bucket_tables(bucket):
@@ -201,10 +225,11 @@ class PartitionState:
             for comp, slot in zip(t.keys[rng].tolist(), t.slots[rng].tolist(), strict=True):
                 yield metric, dim, labels[comp & LABEL_MASK], self._state(t, slot)
 
-    def encode_bucket(self, bucket: BucketId) -> tuple[bytes, int]:
-        """The bucket's blob (as `aggstate.encode_bucket` writes it) and its number of states."""
+    def encode_bucket(self, bucket: BucketId, slices: list[BucketSlice] | None = None) -> tuple[bytes, int]:
+        """The bucket's blob (as `aggstate.encode_bucket` writes it) and its number of states
+        (`slices`: the bucket's entry of `bucket_slices`, when the caller has it)."""
         items: list[tuple[str, str, str, bytes]] = []
-        for metric, dim, t, rng in self._bucket_tables(bucket):
+        for metric, dim, t, rng in (self._bucket_tables(bucket) if slices is None else slices):
             self._encode_into(items, metric, dim, t, t.keys[rng], t.slots[rng])
         return encode_bucket_bytes(items), len(items)
 
@@ -260,22 +285,26 @@ class PartitionState:
                      comps: I64, slots: I64) -> None:
         """Append the `to_bytes` items of these states of table `t`.
 
-        Headers are packed for a whole table at once and small samples are written as
-        their values, so no AggState or digest is made per key on the folding thread."""
+        Headers are packed for a whole table at once, and each state's bytes are its header
+        joined to its sample's bytes by C-level maps (small samples written as their values),
+        so no AggState or digest is made, and no Python code runs, per key."""
         labels = self.interners[dim].labels
-        names = [labels[lid] for lid in (comps & LABEL_MASK).tolist()]
-        samples = [t.digests[s] for s in slots.tolist()] if t.with_digest else None
-        if samples is None:
-            kinds = np.zeros(slots.size, dtype=np.uint8)
-        else:
-            kinds = np.fromiter((NO_SAMPLE if x is None else VALUES_SAMPLE if isinstance(x, np.ndarray)
-                                 else DIGEST_SAMPLE for x in samples), dtype=np.uint8, count=slots.size)
-        heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots], kinds)
-        if samples is None:
+        names = list(map(labels.__getitem__, (comps & LABEL_MASK).tolist()))
+        n = slots.size
+        if not t.with_digest:
+            heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots],
+                                 np.zeros(n, dtype=np.uint8))
             items.extend(zip(repeat(metric), repeat(dim), names, heads))
-        else:
-            items.extend((metric, dim, name, head + _sample_bytes(x))
-                         for name, head, x in zip(names, heads, samples, strict=True))
+            return
+        samples = list(map(t.digests.__getitem__, slots.tolist()))  # `digests` settles pending values once
+        kinds = np.fromiter(map(_SAMPLE_KIND.__getitem__, map(type, samples)), dtype=np.uint8, count=n)
+        heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots], kinds)
+        tails = np.full(n, b"", dtype=object)
+        for kind, to_bytes in ((VALUES_SAMPLE, _values_bytes), (DIGEST_SAMPLE, _digest_bytes)):
+            at = np.flatnonzero(kinds == kind)
+            if at.size:
+                tails[at] = to_bytes([samples[i] for i in at.tolist()])
+        items.extend(zip(repeat(metric), repeat(dim), names, map(bytes.__add__, heads, tails.tolist())))
 
     @property
     def states(self) -> dict[Key, AggState]:
@@ -384,9 +413,21 @@ class PartitionState:
                 self.kept[s] = remap[self.kept[s]]
 
 
-def _sample_bytes(sample: object) -> bytes:
-    if sample is None:
-        return b""
-    if isinstance(sample, np.ndarray):
-        return sample.astype("<f8", copy=False).tobytes()
-    return sample.to_bytes()  # type: ignore[attr-defined]
+# Sample kind of each object a state's sample may be (`StateTable.digests`): an unknown
+# type is a bug, and fails the encoding with a KeyError rather than writing a wrong blob.
+_SAMPLE_KIND: dict[type, int] = {type(None): NO_SAMPLE, np.ndarray: VALUES_SAMPLE, TDigest: DIGEST_SAMPLE}
+
+
+def _values_bytes(arrays: list[F64]) -> list[bytes]:
+    """Each array's float64 little-endian bytes (`tobytes` mapped in C when they are so already)."""
+    if _LITTLE and set(map(attrgetter("dtype"), arrays)) == {_F8}:
+        return list(map(np.ndarray.tobytes, arrays))
+    return [a.astype("<f8", copy=False).tobytes() for a in arrays]
+
+
+def _digest_bytes(digests: list[TDigest]) -> list[bytes]:
+    return list(map(TDigest.to_bytes, digests))
+
+
+_LITTLE = sys.byteorder == "little"
+_F8 = np.dtype(np.float64)

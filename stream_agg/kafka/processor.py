@@ -422,9 +422,10 @@ class Processor:
         began = time.perf_counter()
         try:
             for part, pstate, plan in snap.unencoded:
+                slices = pstate.bucket_slices([bucket for bucket, delta in plan if delta is None])
                 for bucket, delta in plan:
                     if delta is None:
-                        blob, nkeys = pstate.encode_bucket(bucket)
+                        blob, nkeys = pstate.encode_bucket(bucket, slices[bucket])
                     else:
                         blob, nkeys = pstate.encode_keys(delta)
                         part.deltas.add(len(part.buckets))

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import struct
+
+import msgspec
 import numpy as np
 import pytest
+from fastdigest import TDigest
 from helpers import make_events, rank_error, reference_values
 
 from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, digest_from_bytes
@@ -41,6 +45,37 @@ def test_bucket_blob_decodes_to_the_held_states() -> None:
             if s.digest is not None:
                 for q in (0.5, 0.95, 0.99):
                     assert t.quantile(q) == pytest.approx(s.quantile(q), rel=1e-12)
+
+
+def _reference_blob(ps: PartitionState, bucket: tuple[str, int]) -> bytes:
+    """A bucket's blob built key by key, as `AggState.to_bytes` lays a state out, except that
+    small samples are written as their values (kind 2) and no sample as nothing (kind 0)."""
+    items = []
+    for metric, dim, t, rng in ps._bucket_tables(bucket):
+        for comp, slot in zip(t.keys[rng].tolist(), t.slots[rng].tolist(), strict=True):
+            x = t.digests[slot] if t.with_digest else None
+            kind, tail = ((0, b"") if x is None else (2, np.asarray(x, dtype="<f8").tobytes())
+                          if isinstance(x, np.ndarray) else (1, x.to_bytes()))
+            head = struct.pack("<BqdddqB", 1, int(t.count[slot]), float(t.total[slot]), float(t.lo[slot]),
+                               float(t.hi[slot]), int(t.applied[slot]), kind)
+            items.append((metric, dim, ps.interners[dim].labels[comp & 0xFFFFFFFF], head + tail))
+    return msgspec.msgpack.encode((1, items))
+
+
+def test_bucket_blob_is_byte_for_byte_the_per_key_encoding() -> None:
+    reg = default_registry({"user": 20})
+    ps = _partitions(make_events(3000, seed=12, hours=5, users=60), reg, n=1)[0]
+    kinds = {type(x) for t in ps.tables.values() if t.with_digest for x in t.digests[: t.used]}
+    assert {np.ndarray, TDigest} <= kinds  # small samples as values and big ones as digests
+    assert any(not t.with_digest for t in ps.tables.values())  # and states without a sample
+    buckets = sorted(ps.buckets)
+    slices = ps.bucket_slices([*buckets, ("hour", 0)])
+    assert slices[("hour", 0)] == []
+    for bucket in buckets:
+        assert slices[bucket] == list(ps._bucket_tables(bucket))
+        want = _reference_blob(ps, bucket)
+        assert ps.encode_bucket(bucket)[0] == want
+        assert ps.encode_bucket(bucket, slices[bucket])[0] == want
 
 
 def _expected_row(parts: list[PartitionState], key: tuple, also: tuple[tuple, ...] = ()) -> tuple:
