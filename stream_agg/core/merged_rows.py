@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from fastdigest import TDigest
 
 from stream_agg.core.aggstate import VALUES_DIGEST_PREFIX, AggState, digest_to_bytes
 from stream_agg.core.buckets import to_datetime
@@ -292,6 +293,11 @@ def _samples_of(t: Any, slots: I64) -> list[Any]:
     return [digests[s] for s in slots.tolist()]
 
 
+# Per sample object (`StateTable.digests`): 0 none, 1 exact values, 2 a t-digest. An unknown
+# type is a bug and fails the merge (KeyError) rather than writing a wrong row.
+_KIND: dict[type, int] = {type(None): 0, np.ndarray: 1, TDigest: 2}
+
+
 def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F64, list[bytes | None]]:
     """Per row: percentiles and stored digest bytes of the merge of its partitions' samples.
 
@@ -300,22 +306,21 @@ def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F6
     arithmetic, bytes sliced from one buffer. The others combine as `sample.combine` does.
     """
     m = len(samples)
-    kind = np.fromiter((0 if x is None else 1 if type(x) is np.ndarray else 2 for x in samples),
-                       dtype=np.int8, count=m)
+    kind = np.fromiter(map(_KIND.__getitem__, map(type, samples)), dtype=np.int8, count=m)
     size = np.zeros(m, dtype=np.int64)
     arr = np.flatnonzero(kind == 1)
-    size[arr] = np.fromiter((samples[j].size for j in arr.tolist()), dtype=np.int64, count=arr.size)
+    size[arr] = np.fromiter(map(len, map(samples.__getitem__, arr.tolist())), dtype=np.int64, count=arr.size)
     has_digest = np.bincount(inv, weights=kind == 2, minlength=n) > 0
     has_values = np.bincount(inv, weights=kind == 1, minlength=n) > 0
     nvals = np.bincount(inv, weights=size, minlength=n).astype(np.int64)
     small = ~has_digest & has_values & (nvals <= SMALL_SAMPLE)
     quantiles = np.full((n, 3), math.nan)
-    digests: list[bytes | None] = [None] * n
+    digests = np.full(n, None, dtype=object)  # filled by fancy indexing: no Python code per row
     # ---- small rows, together
     parts = arr[small[inv[arr]]]
     if parts.size:
         rows_of_parts = inv[parts]
-        values = np.concatenate([samples[j] for j in parts.tolist()]).astype(np.float64, copy=False)
+        values = np.concatenate(list(map(samples.__getitem__, parts.tolist()))).astype(np.float64, copy=False)
         seg = np.repeat(rows_of_parts, size[parts])
         order = np.lexsort((values, seg))
         values, seg = values[order], seg[order]
@@ -326,8 +331,9 @@ def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F6
         ok = (per > 0) & (count[rows] > 0)
         quantiles[rows[ok]] = segment_quantiles(values, first[ok], per[ok], QUANTILES)
         raw = values.astype("<f8", copy=False).tobytes()  # each row's slice: values_to_digest_bytes
-        for r, a, k in zip(rows.tolist(), (first * 8).tolist(), (per * 8).tolist(), strict=True):
-            digests[r] = VALUES_DIGEST_PREFIX + raw[a:a + k]
+        begin = first * 8
+        digests[rows] = list(map(VALUES_DIGEST_PREFIX.__add__,
+                                 map(raw.__getitem__, map(slice, begin.tolist(), (begin + per * 8).tolist()))))
     # ---- the others, one by one
     big = np.flatnonzero(has_values & ~small | has_digest)
     if big.size:
@@ -340,7 +346,7 @@ def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F6
             if count[r] and not sample.is_empty():
                 quantiles[r] = [float(sample.quantile(q)) for q in QUANTILES]
             digests[r] = digest_to_bytes(sample)
-    return quantiles, digests
+    return quantiles, digests.tolist()
 
 
 def blocks_from_states(items: Iterable[tuple[Key, AggState]]) -> list[RowBlock]:
