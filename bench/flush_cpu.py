@@ -49,6 +49,9 @@ def folded_states(events: int, per_message: int, partitions: int, take: int, hou
             messages.append((p, offsets[p], orjson.dumps(chunk)))
             offsets[p] += 1
             chunk = []
+    if chunk:
+        p = len(messages) % partitions
+        messages.append((p, offsets[p], orjson.dumps(chunk)))
     states = [PartitionState(registry) for _ in range(partitions)]
     for i in range(0, len(messages), take):
         for p in range(partitions):
@@ -69,6 +72,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error("--repeat must be at least 1")
 
     began = time.perf_counter()
     states = folded_states(args.events, args.batch_events, args.partitions, args.take, args.hours, args.users)

@@ -201,9 +201,10 @@ class PartitionState:
 
     def bucket_slices(self, buckets: Collection[BucketId]) -> dict[BucketId, list[BucketSlice]]:
         """`_bucket_tables` of many buckets at once: two `searchsorted` per table for all of
-        them, not two per table and bucket (a flush encodes hundreds of buckets)."""
+        them, not two per table and bucket (a flush encodes hundreds of buckets). Positions:
+        valid until a key is added to or removed from a table (the next fold or eviction)."""
         by_g: dict[str, list[int]] = {}
-        for g, b in buckets:
+        for g, b in dict.fromkeys(buckets):  # each once: a bucket asked twice must not list its keys twice
             by_g.setdefault(g, []).append(b)
         out: dict[BucketId, list[BucketSlice]] = {bucket: [] for bucket in buckets}
         for (g, metric, dim), t in self.tables.items():
@@ -287,7 +288,8 @@ class PartitionState:
 
         Headers are packed for a whole table at once, and each state's bytes are its header
         joined to its sample's bytes by C-level maps (small samples written as their values),
-        so no AggState or digest is made, and no Python code runs, per key."""
+        so no AggState or digest is made, and no Python-level loop runs, per key (but the
+        per-array conversion of values that are not little-endian float64 already)."""
         labels = self.interners[dim].labels
         names = list(map(labels.__getitem__, (comps & LABEL_MASK).tolist()))
         n = slots.size
@@ -303,7 +305,7 @@ class PartitionState:
         for kind, to_bytes in ((VALUES_SAMPLE, _values_bytes), (DIGEST_SAMPLE, _digest_bytes)):
             at = np.flatnonzero(kinds == kind)
             if at.size:
-                tails[at] = to_bytes([samples[i] for i in at.tolist()])
+                tails[at] = to_bytes(list(map(samples.__getitem__, at.tolist())))
         items.extend(zip(repeat(metric), repeat(dim), names, map(bytes.__add__, heads, tails.tolist())))
 
     @property
