@@ -17,14 +17,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastdigest import TDigest
 
-from stream_agg.core.aggstate import VALUES_DIGEST_PREFIX, AggState, digest_to_bytes
+from stream_agg.core.aggstate import (
+    DIGEST_SAMPLE,
+    NO_SAMPLE,
+    VALUES_DIGEST_PREFIX,
+    VALUES_SAMPLE,
+    AggState,
+    digest_to_bytes,
+)
 from stream_agg.core.buckets import to_datetime
 from stream_agg.core.global_cap import Cut, Scope, cut_union
 from stream_agg.core.partition_state import BucketId, Key, PartitionState, TableId
 from stream_agg.core.registry import OTHER
-from stream_agg.core.sample import SMALL_SAMPLE, combine, segment_quantiles, to_digest
+from stream_agg.core.sample import SAMPLE_KIND, SMALL_SAMPLE, combine, segment_quantiles, to_digest
 from stream_agg.core.state_table import (
     F64,
     HOUR,
@@ -293,11 +299,6 @@ def _samples_of(t: Any, slots: I64) -> list[Any]:
     return [digests[s] for s in slots.tolist()]
 
 
-# Per sample object (`StateTable.digests`): 0 none, 1 exact values, 2 a t-digest. An unknown
-# type is a bug and fails the merge (KeyError) rather than writing a wrong row.
-_KIND: dict[type, int] = {type(None): 0, np.ndarray: 1, TDigest: 2}
-
-
 def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F64, list[bytes | None]]:
     """Per row: percentiles and stored digest bytes of the merge of its partitions' samples.
 
@@ -306,12 +307,12 @@ def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F6
     arithmetic, bytes sliced from one buffer. The others combine as `sample.combine` does.
     """
     m = len(samples)
-    kind = np.fromiter(map(_KIND.__getitem__, map(type, samples)), dtype=np.int8, count=m)
+    kind = np.fromiter(map(SAMPLE_KIND.__getitem__, map(type, samples)), dtype=np.int8, count=m)
     size = np.zeros(m, dtype=np.int64)
-    arr = np.flatnonzero(kind == 1)
+    arr = np.flatnonzero(kind == VALUES_SAMPLE)
     size[arr] = np.fromiter(map(len, map(samples.__getitem__, arr.tolist())), dtype=np.int64, count=arr.size)
-    has_digest = np.bincount(inv, weights=kind == 2, minlength=n) > 0
-    has_values = np.bincount(inv, weights=kind == 1, minlength=n) > 0
+    has_digest = np.bincount(inv, weights=kind == DIGEST_SAMPLE, minlength=n) > 0
+    has_values = np.bincount(inv, weights=kind == VALUES_SAMPLE, minlength=n) > 0
     nvals = np.bincount(inv, weights=size, minlength=n).astype(np.int64)
     small = ~has_digest & has_values & (nvals <= SMALL_SAMPLE)
     quantiles = np.full((n, 3), math.nan)
@@ -337,7 +338,7 @@ def _merge_samples(samples: list[Any], inv: I64, n: int, count: I64) -> tuple[F6
     # ---- the others, one by one
     big = np.flatnonzero(has_values & ~small | has_digest)
     if big.size:
-        members = np.flatnonzero(np.isin(inv, big) & (kind > 0))
+        members = np.flatnonzero(np.isin(inv, big) & (kind != NO_SAMPLE))
         groups: dict[int, list[Any]] = {}
         for j, r in zip(members.tolist(), inv[members].tolist(), strict=True):
             groups.setdefault(r, []).append(samples[j])

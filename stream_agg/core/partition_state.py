@@ -20,7 +20,6 @@ from fastdigest import TDigest
 
 from stream_agg.core.aggstate import (
     DIGEST_SAMPLE,
-    NO_SAMPLE,
     VALUES_SAMPLE,
     AggState,
     encode_bucket_bytes,
@@ -28,7 +27,7 @@ from stream_agg.core.aggstate import (
     state_fields,
 )
 from stream_agg.core.registry import OTHER, Registry
-from stream_agg.core.sample import to_digest
+from stream_agg.core.sample import SAMPLE_KIND, to_digest
 from stream_agg.core.state_table import (
     F64,
     I64,
@@ -299,7 +298,7 @@ class PartitionState:
             items.extend(zip(repeat(metric), repeat(dim), names, heads))
             return
         samples = list(map(t.digests.__getitem__, slots.tolist()))  # `digests` settles pending values once
-        kinds = np.fromiter(map(_SAMPLE_KIND.__getitem__, map(type, samples)), dtype=np.uint8, count=n)
+        kinds = np.fromiter(map(SAMPLE_KIND.__getitem__, map(type, samples)), dtype=np.uint8, count=n)
         heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots], kinds)
         tails = np.full(n, b"", dtype=object)
         for kind, to_bytes in ((VALUES_SAMPLE, _values_bytes), (DIGEST_SAMPLE, _digest_bytes)):
@@ -321,19 +320,8 @@ class PartitionState:
         return sum(len(t) for t in self.tables.values())
 
     def bucket_sizes(self, buckets: Collection[BucketId]) -> dict[BucketId, int]:
-        """Number of states held for each of `buckets` (two `searchsorted` per table, no scan)."""
-        by_g: dict[str, list[int]] = {}
-        for g, b in buckets:
-            by_g.setdefault(g, []).append(b)
-        out = dict.fromkeys(buckets, 0)
-        for (g, _, _), t in self.tables.items():
-            starts = by_g.get(g)
-            if starts and t.keys.size:
-                lo = composite(np.asarray(starts, dtype=np.int64), 0)
-                n = np.searchsorted(t.keys, lo + LABEL_SPACE) - np.searchsorted(t.keys, lo)
-                for b, k in zip(starts, n.tolist(), strict=True):
-                    out[(g, b)] += k
-        return out
+        """Number of states held for each of `buckets` (`bucket_slices`: no scan)."""
+        return {b: sum(rng.stop - rng.start for *_, rng in slices) for b, slices in self.bucket_slices(buckets).items()}
 
     # ------------------------------------------------------------------ changes
 
@@ -413,11 +401,6 @@ class PartitionState:
                 t.relabel(remap)
             for s in [s for s in self.kept if s[3] == dim]:
                 self.kept[s] = remap[self.kept[s]]
-
-
-# Sample kind of each object a state's sample may be (`StateTable.digests`): an unknown
-# type is a bug, and fails the encoding with a KeyError rather than writing a wrong blob.
-_SAMPLE_KIND: dict[type, int] = {type(None): NO_SAMPLE, np.ndarray: VALUES_SAMPLE, TDigest: DIGEST_SAMPLE}
 
 
 def _values_bytes(arrays: list[F64]) -> list[bytes]:

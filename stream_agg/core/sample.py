@@ -17,7 +17,14 @@ import numpy as np
 import numpy.typing as npt
 from fastdigest import TDigest
 
-from stream_agg.core.aggstate import digest_from_values, merge_digests, new_digest
+from stream_agg.core.aggstate import (
+    DIGEST_SAMPLE,
+    NO_SAMPLE,
+    VALUES_SAMPLE,
+    digest_from_values,
+    merge_digests,
+    new_digest,
+)
 
 F64 = npt.NDArray[np.float64]
 Sample = Any  # TDigest | F64
@@ -29,6 +36,12 @@ SMALL_SAMPLE = 128
 # fastdigest's `batch_update` sorts its input; from a few hundred values it runs ~1.3-1.8x
 # faster on input that is sorted already, and `np.sort` costs a tenth of that gain.
 SORT_FROM = 512
+
+
+# The stored kind (`aggstate`) of each object a state's sample may be, for mapping a whole
+# table's samples in C (`map(SAMPLE_KIND.__getitem__, map(type, samples))`). Another type is
+# a bug, and fails with a KeyError rather than writing a wrong blob or row.
+SAMPLE_KIND: dict[type, int] = {type(None): NO_SAMPLE, np.ndarray: VALUES_SAMPLE, TDigest: DIGEST_SAMPLE}
 
 
 def digest_of(values: F64) -> TDigest:
