@@ -92,6 +92,13 @@ CREATE TABLE IF NOT EXISTS stream_partials (
 	CONSTRAINT stream_partials_pkey PRIMARY KEY (stream, granularity, bucket_time, partition)
 );
 
+CREATE TABLE IF NOT EXISTS stream_retention (
+	stream TEXT NOT NULL, 
+	pruned_before DOUBLE PRECISION NOT NULL, 
+	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
+	PRIMARY KEY (stream)
+);
+
 CREATE TABLE IF NOT EXISTS traces (
 	trace_id TEXT NOT NULL, 
 	operation_type TEXT NOT NULL, 
@@ -108,4 +115,4 @@ CREATE TABLE IF NOT EXISTS traces (
 );
 CREATE INDEX IF NOT EXISTS traces_started_at_idx ON traces (started_at);
 
-INSERT INTO stream_agg_schema (version) VALUES (2) ON CONFLICT DO NOTHING;
+INSERT INTO stream_agg_schema (version) VALUES (3) ON CONFLICT DO NOTHING;

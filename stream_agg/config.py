@@ -139,6 +139,10 @@ SETTINGS: tuple[Setting, ...] = (
             "States of closed buckets kept in memory after their final flush, so late events fold "
             "in without reading the bucket back from PostgreSQL; least recently folded into go "
             "first (0 = evict at close)"),
+    Setting("prune_interval", _non_negative(_parse_duration), "10m",
+            "How often a worker deletes the stream state (partial blobs, deltas, cap cuts) of buckets "
+            "that end before every partition's watermark - STREAM_AGG_LATE_HORIZON, which no event can "
+            "change any more; their metrics_aggregates rows stay (0 = never)"),
     Setting("decode_processes", _non_negative(int), "1",
             "Helper processes decoding messages ahead of the fold (0 = decode in the worker process)"),
     Setting("metrics_port", _port, "9108", "Prometheus metrics HTTP port (0 = off)"),
@@ -176,6 +180,7 @@ class Config:
     archive: bool
     max_pending_events: int
     closed_cache_states: int
+    prune_interval: float
     decode_processes: int
     metrics_port: int
     session_timeout: float

@@ -98,6 +98,14 @@ class Metrics:
             "stream_agg_rows_upserted_total", "metrics_aggregates rows written by flushes.", registry=r)
         self.archived_traces = Counter(
             "stream_agg_archived_traces_total", "Trace rows newly written to the raw archive.", registry=r)
+        self.pruned_rows = Counter(
+            "stream_agg_pruned_rows_total",
+            "Stream-state rows deleted because no event can change their bucket any more, by table.",
+            ["table"], registry=r)
+        self.prune_floor = Gauge(
+            "stream_agg_prune_floor_timestamp_seconds",
+            "Event time (unix) before which every partition's events are too late and stream state is pruned.",
+            registry=r)
         self.assigned_partitions = Gauge(
             "stream_agg_assigned_partitions", "Partitions this worker owns.", registry=r)
 

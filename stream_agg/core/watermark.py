@@ -5,7 +5,9 @@ times only (a running maximum in partition order), so whether an event is late o
 late never depends on batch boundaries, restarts or the machine's clock: a replay
 decides exactly as the first run did. Only *closing* buckets of an idle partition uses
 the wall clock (after `idle_timeout` without events, the watermark advances with time),
-and closing changes when a row is final, never what it contains.
+and closing changes when a row is final, never what it contains. The stream-wide prune
+floor (`floor`, core/retention.py) is below every partition's own too-late line once it
+has a watermark, so it only decides for partitions that have none yet.
 """
 
 from __future__ import annotations
@@ -43,6 +45,9 @@ class Watermark:
     policy: WatermarkPolicy
     max_event_time: float = -math.inf
     last_event_wall: float | None = None
+    # Stream-wide: events before it are too late for every partition, because the buckets
+    # they would fold into may have been pruned (core/retention.py). Read from PostgreSQL.
+    floor: float = -math.inf
 
     @property
     def event_watermark(self) -> float:
@@ -55,7 +60,7 @@ class Watermark:
             return Classified(empty, empty, self.max_event_time)
         running = np.maximum.accumulate(np.concatenate(([self.max_event_time], ts)))[:-1]
         wm_before = running - self.policy.out_of_orderness
-        too_late = ts < wm_before - self.policy.horizon
+        too_late = (ts < wm_before - self.policy.horizon) | (ts < self.floor)
         hour_end = np.floor(ts / HOUR) * HOUR + HOUR
         late = ~too_late & (hour_end + self.policy.grace <= wm_before)
         return Classified(late, too_late, float(max(self.max_event_time, ts.max())))

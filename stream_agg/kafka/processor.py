@@ -14,11 +14,13 @@ crash is either skipped (offset below the stored one) or folded exactly once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -34,6 +36,7 @@ from stream_agg.events import decode_message, encode_event
 from stream_agg.kafka.decode_pool import DecodedPart, decode_partition
 from stream_agg.observability import Metrics
 from stream_agg.store import archive_copy
+from stream_agg.store.retention import PruneReport
 from stream_agg.store.stream_state import BlobFeed, FlushPayload, FlushReport, PartitionFlush, RowFeed, StreamStore
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class Snapshot:
     unmerged: Iterator[RowBlock] | None = None  # the rows still to merge into the payload's RowFeed
     merge_seconds: float = 0.0
     encode_seconds: float = 0.0
+    floor: float | None = None  # the stream's prune floor as the write read it
 
 
 class PoisonedError(RuntimeError):
@@ -154,6 +158,7 @@ class Processor:
         self.archive_bytes = 0  # size of the COPY text in self.traces / self.spans
         self.poisoned = False
         self.topic_partitions: int | None = None  # set by the shell from topic metadata
+        self.floor = -math.inf  # the stream's prune floor (core/retention.py) as last read
 
     # ----------------------------------------------------------------- assignment
 
@@ -170,6 +175,7 @@ class Processor:
         if not new:
             return
         stored = self.reader.load_offsets(self.stream_id, new)
+        self._set_floor(self.reader.load_floor(self.stream_id))
         for p in new:
             wm = Watermark(_policy(self.config))
             next_offset, base = 0, None
@@ -178,10 +184,19 @@ class Processor:
                 base = next_offset
                 if max_ts is not None:
                     wm.max_event_time = max_ts
+            wm.floor = self.floor
             self.contexts[p] = PartitionContext(p, PartitionState(self.registry), wm, next_offset, base,
                                                 generation=generation)
             log.info("assigned partition=%d next_offset=%d", p, next_offset)
         self.metrics.assigned_partitions.set(len(self.contexts))
+
+    def _set_floor(self, floor: float | None) -> None:
+        """Every partition's events before the floor are too late from now on."""
+        if floor is not None and floor > self.floor:
+            self.floor = floor
+            for ctx in self.contexts.values():
+                ctx.watermark.floor = floor
+            self.metrics.prune_floor.set(floor)
 
     def revoke(self, partitions: set[int]) -> None:
         """Drop partitions (after a flush): whoever owns them next reloads from PostgreSQL."""
@@ -375,6 +390,8 @@ class Processor:
         unmerged = None
         if parts or self.traces:
             payload = FlushPayload(self.stream_id, parts, self.traces, self.spans, caps=dict(self.registry.caps))
+            ends = [b + SPAN[g] for ch in changes.values() for g, b in ch.buckets()]
+            payload.earliest_end = min(ends) if ends else None
             unmerged = self._rows_from_memory(payload, changes)
             payload.blocks = RowFeed()
         snap = Snapshot(payload, closing, changes, self.unacked, self.pending_events, now,
@@ -445,6 +462,7 @@ class Processor:
 
     def commit(self, snap: Snapshot) -> list[Any]:
         """The snapshot is durable: advance fencing offsets, close buckets; returns refs to ack."""
+        self._set_floor(snap.floor)
         for part in snap.payload.partitions if snap.payload else []:
             ctx = self.contexts.get(part.partition)
             if ctx is not None:
@@ -506,6 +524,7 @@ class Processor:
             return None
         started = time.perf_counter()
         report = self.store.flush(snap.payload)
+        snap.floor = report.floor
         seconds = time.perf_counter() - started
         self.metrics.observe_run(seconds, snap.pending_events)
         self.metrics.rows_upserted.inc(report.rows)
@@ -515,6 +534,23 @@ class Processor:
                  report.partials, report.rows, report.traces, snap.pending_events, seconds, snap.seconds,
                  snap.merge_seconds, snap.encode_seconds,
                  " ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()), _rss())
+        return report
+
+    def prune(self) -> PruneReport | None:
+        """Delete the stream state of buckets no event can reach any more. On the writer's
+        thread between flushes (it uses the store's connection); None while the topic's
+        partition count is unknown."""
+        if self.topic_partitions is None:
+            return None
+        report = self.store.prune(self.stream_id, self.topic_partitions, _policy(self.config))
+        if report.moved and report.floor is not None:
+            for table, n in report.deleted.items():
+                self.metrics.pruned_rows.labels(table).inc(n)
+            log.info("pruned the stream state of buckets ending by %s (events before it are too late "
+                     "for every partition): %s", datetime.fromtimestamp(report.floor, tz=UTC).isoformat(),
+                     ", ".join(f"{table} {n}" for table, n in report.deleted.items()))
+        if report.floor is not None:
+            self.metrics.prune_floor.set(report.floor)
         return report
 
     def flush(self) -> tuple[FlushReport | None, list[Any]]:

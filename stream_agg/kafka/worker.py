@@ -48,6 +48,7 @@ FOLD_JOIN_BYTES = 2 * FOLD_BYTES
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
 IDLE_AFTER = 1.0  # at least this long without messages, the consumer counts as caught up (`idle_after`)
 TICK = 0.25  # seconds between the flush loop's checks
+PRUNE_RETRY = 60.0  # seconds before a failed prune is tried again (at most the prune interval)
 ARCHIVE_BYTES = 64 << 20  # raw-archive COPY text held before folding waits for a flush
 
 
@@ -296,6 +297,7 @@ class WorkerShell:
         self.backlog = BacklogEnd()
         self.failures = 0
         self.stopping = False
+        self.next_prune = time.monotonic()  # after the first successful flush, then every prune_interval
         # Micro-batches go from the agent to the fold loop through a small queue, each with its
         # decoding already started in the helper process(es): decoding overlaps folding.
         self.decoder = (DecodePool(self.registry, config.archive, config.decode_processes)
@@ -601,7 +603,21 @@ class WorkerShell:
             self.failures = 0
             self.metrics.db_up.set(1)
             self._ack(refs)
+            if self.config.prune_interval and time.monotonic() >= self.next_prune and not self.stopping:
+                await self._prune()
             return True
+
+    async def _prune(self) -> None:
+        """Delete old stream state (`Processor.prune`) on the writer's thread, between two
+        flushes of this worker. A failure (its lock wait timed out behind other workers'
+        flushes, PostgreSQL went away) only postpones it: nothing depends on it."""
+        every = self.config.prune_interval
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.writer, self.processor.prune)
+        except Exception as exc:  # noqa: BLE001 - retried later
+            every = min(every, PRUNE_RETRY)
+            log.warning("pruning old stream state failed: %s; next try in %.0fs", describe_db_error(exc), every)
+        self.next_prune = time.monotonic() + every
 
     async def _snapshot(self) -> Snapshot:
         """Take a snapshot and queue the merge of its rows and the encoding of its blobs

@@ -178,6 +178,17 @@ stream_cap_cuts = Table(
                          name="stream_cap_cuts_pkey"),
 )
 
+# Per stream, the event time before which every partition's events are too late
+# (core/retention.py): the buckets ending at or before it have had their stream state
+# deleted. Only moves forward; the worker reads it at assignment and in every flush.
+stream_retention = Table(
+    "stream_retention",
+    metadata,
+    Column("stream", Text, primary_key=True),
+    Column("pruned_before", Double, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+)
+
 schema_version = Table(
     "stream_agg_schema",
     metadata,
@@ -195,9 +206,13 @@ def _v2(conn: Connection) -> None:
     stream_partial_deltas.create(conn, checkfirst=True)
 
 
+def _v3(conn: Connection) -> None:
+    stream_retention.create(conn, checkfirst=True)
+
+
 # Ordered upgrade steps; append, never edit a released one. (v1 creates every table of
-# the metadata, so on a new database v2 finds its table there already.)
-MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1), (2, _v2))
+# the metadata, so on a new database v2 and v3 find their tables there already.)
+MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1), (2, _v2), (3, _v3))
 LATEST = MIGRATIONS[-1][0]
 
 

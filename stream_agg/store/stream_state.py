@@ -7,6 +7,8 @@ lacks); a Faust changelog and the consumer offset commit are two separate writes
 a changelog per key update would double the per-event cost.
 
 One flush transaction, for all partitions this worker owns:
+0. take the stream's prune lock (shared) and refuse, as fenced, a flush into a bucket
+   pruned meanwhile (store/retention.py),
 1. advance `stream_offsets` (fenced: a zombie worker that lost the partition cannot
    move it back),
 2. archive the raw traces / spans (`ON CONFLICT DO NOTHING`: same trace twice = one row),
@@ -50,7 +52,8 @@ from stream_agg.core.merged_rows import RowBlock, blocks_from_states
 from stream_agg.core.partition_state import MAX_DELTAS
 from stream_agg.core.registry import OTHER
 from stream_agg.core.state_table import HOUR, member_of_sorted, sorted_unique
-from stream_agg.store import rows_copy
+from stream_agg.core.watermark import WatermarkPolicy
+from stream_agg.store import retention, rows_copy
 from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
 from stream_agg.store.db import connect
 
@@ -106,6 +109,8 @@ class FlushPayload:
     cuts: dict[Scope, Cut] = field(default_factory=dict)
     # set while the partitions' blobs are still being encoded (by the caller's thread)
     encoded: BlobFeed | None = None
+    # earliest end (epoch seconds) of a bucket this flush changes: checked against the prune floor
+    earliest_end: int | None = None
 
     @property
     def changed_keys(self) -> set[Key]:
@@ -123,6 +128,7 @@ class FlushReport:
     traces: int
     spans: int
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the flush log line
+    floor: float | None = None  # the stream's prune floor, read in the flush's transaction
 
 
 class Feed(Generic[T]):
@@ -203,7 +209,7 @@ def compress_blobs(payload: FlushPayload) -> None:
     payload.encoded = None
 
 
-def _ts(epoch: int) -> datetime:
+def _ts(epoch: float) -> datetime:
     return datetime.fromtimestamp(epoch, tz=UTC)
 
 
@@ -329,6 +335,24 @@ class StreamStore:
             self._reset()
             raise
 
+    def load_floor(self, stream: str) -> float | None:
+        """The stream's prune floor (events before it are too late everywhere), or None."""
+        try:
+            with self.conn().transaction(), self.conn().cursor() as cur:
+                return retention.read_floor(cur, stream)
+        except psycopg.Error:
+            self._reset()
+            raise
+
+    def prune(self, stream: str, partitions: int, policy: WatermarkPolicy) -> retention.PruneReport:
+        """Delete the state no event can change any more, in a transaction of its own."""
+        try:
+            with self.conn().transaction(), self.conn().cursor() as cur:
+                return retention.prune(cur, stream, partitions, policy)
+        except psycopg.Error:
+            self._reset()
+            raise
+
     # ----------------------------------------------------------------- flush
 
     def flush(self, payload: FlushPayload) -> FlushReport:
@@ -349,6 +373,12 @@ class StreamStore:
             compressing = self._compressor.submit(compress_blobs, payload)
             try:
                 with conn.transaction(), conn.cursor() as cur:
+                    floor = retention.floor_for_flush(cur, payload.stream)
+                    if floor is not None and payload.earliest_end is not None and payload.earliest_end <= floor:
+                        raise FencedError(
+                            f"a bucket ending at {_ts(payload.earliest_end).isoformat()} was folded into after "
+                            f"{payload.stream}'s state before {_ts(floor).isoformat()} was pruned; its events "
+                            "are too late (a restart reads the floor and sends them to the DLQ)")
                     self._advance_offsets(cur, payload)
                     traces, spans = self._archive(cur, payload)
                     lap("archive")
@@ -370,7 +400,7 @@ class StreamStore:
                 lap("commit")
             finally:
                 wait([compressing])  # never leave a thread rewriting a payload the caller may retry
-            return FlushReport(partials, rows, deleted, traces, spans, phases)
+            return FlushReport(partials, rows, deleted, traces, spans, phases, floor)
         except psycopg.Error:
             self._reset()
             raise

@@ -24,23 +24,34 @@ def _catalog(url: str) -> list[tuple]:
 
 
 def test_migrate_twice_is_a_noop(database_url: str) -> None:
-    assert migrate(database_url) == [1, 2]
+    assert migrate(database_url) == [1, 2, 3]
     first = _catalog(database_url)
     assert migrate(database_url) == []
     assert _catalog(database_url) == first
-    assert current_version(database_url) == 2
+    assert current_version(database_url) == 3
     tables = {r[0] for r in first if len(r) == 4}
     assert {"metrics_aggregates", "traces", "spans", "stream_partials", "stream_offsets", "stream_cap_cuts",
-            "stream_partial_deltas"} <= tables
+            "stream_partial_deltas", "stream_retention"} <= tables
     names = {r[0] for r in first if len(r) == 2}
     assert "metrics_aggregates_dashboard_idx" in names and "metrics_aggregates_bucket_key" in names
+
+
+def test_a_version_2_database_is_upgraded_to_the_same_catalog(database_url: str) -> None:
+    migrate(database_url)
+    want = _catalog(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:  # as a version-2 worker left it
+        conn.execute("DROP TABLE stream_retention")
+        conn.execute("DELETE FROM stream_agg_schema WHERE version = 3")
+    assert current_version(database_url) == 2
+    assert migrate(database_url) == [3]
+    assert _catalog(database_url) == want
 
 
 def test_cli_migrate_and_plain_sql_agree(database_url: str, pg_server_url: str) -> None:
     out = subprocess.run([sys.executable, "-m", "stream_agg", "migrate", "--database-url", database_url],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "schema version 2" in out.stdout
+    assert "schema version 3" in out.stdout
     again = subprocess.run([sys.executable, "-m", "stream_agg", "migrate", "--database-url", database_url],
                            capture_output=True, text=True, timeout=60)
     assert "nothing to do" in again.stdout

@@ -1,0 +1,158 @@
+"""Pruning the stream state, against a real PostgreSQL: only buckets no partition can fold
+into any more lose their partials, deltas and cap cuts; their rows stay those of numpy over
+every event; a partition with no watermark obeys the floor, and one that folded into a
+pruned bucket before it knew the floor is refused as fenced, writing nothing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import psycopg
+import pytest
+from helpers import make_events
+from worker_support import assert_rows_match_events, fetch_rows
+
+from stream_agg.config import load_config
+from stream_agg.core.registry import default_registry
+from stream_agg.events import TraceEvent, encode_event
+from stream_agg.kafka.processor import Message, Processor
+from stream_agg.observability import Metrics
+from stream_agg.store.schema import migrate
+from stream_agg.store.stream_state import FencedError, StreamStore
+
+STREAM = "s:prune"
+START = datetime(2026, 3, 2, tzinfo=UTC)
+ENDS = {"hour": timedelta(hours=1), "day": timedelta(days=1), "week": timedelta(days=7)}
+
+
+class Topic:
+    """Messages for the processors, with each partition's offsets and what was sent where."""
+
+    def __init__(self) -> None:
+        self.offsets: dict[int, int] = {}
+        self.sent: list[TraceEvent] = []
+
+    def messages(self, partition: int, events: list[TraceEvent]) -> list[Message]:
+        out = []
+        for i in range(0, len(events), 50):
+            off = self.offsets.get(partition, 0)
+            out.append(Message(partition, off, b"[" + b",".join(encode_event(e) for e in events[i:i + 50]) + b"]"))
+            self.offsets[partition] = off + 1
+        return out
+
+
+def _owner(url: str, parts: set[int], topic_partitions: int) -> Processor:
+    config = load_config(env={}, database_url=url, metrics_port=0, archive=False, cardinality_caps="user=5")
+    proc = Processor(config, default_registry(config.cardinality_caps), StreamStore(url), Metrics(), STREAM)
+    proc.topic_partitions = topic_partitions
+    proc.assign(parts)
+    return proc
+
+
+def _close(*procs: Processor) -> None:
+    for proc in procs:
+        proc.reader.close()
+        proc.store.close()
+
+
+def _state(url: str) -> dict[str, set[tuple]]:
+    with psycopg.connect(url) as conn:
+        return {
+            "stream_partials": set(conn.execute(
+                "SELECT granularity, bucket_time, partition FROM stream_partials WHERE stream = %s", (STREAM,))),
+            "stream_partial_deltas": set(conn.execute(
+                "SELECT granularity, bucket_time, partition, applied_offset FROM stream_partial_deltas "
+                "WHERE stream = %s", (STREAM,))),
+            "stream_cap_cuts": set(conn.execute(
+                "SELECT granularity, bucket_time, metric_name, dimension_type FROM stream_cap_cuts")),
+        }
+
+
+def _day(d: int, n: int, seed: int) -> list[TraceEvent]:
+    return sorted(make_events(n, seed=seed, hours=24, users=12, start=START + timedelta(days=d)),
+                  key=lambda e: e.started_at)
+
+
+def test_prune_keeps_the_rows_and_only_lets_go_of_unreachable_buckets(database_url: str) -> None:
+    migrate(database_url)
+    topic = Topic()
+    proc = _owner(database_url, {0, 1}, topic_partitions=2)
+    late_joiner = _owner(database_url, {3}, topic_partitions=4)  # assigned before any floor exists
+    rows_before: dict = {}
+    marks: dict[int, float] = {}  # each partition's max event time
+    try:
+        for d in range(16):  # a day at a time, so that buckets close and late events write deltas
+            events = _day(d, 400, seed=d)
+            if d in (6, 14):  # late (not too late) events into a closed day: deltas over its stored blobs
+                events += _day(d - 5, 3, seed=90 + d)
+            topic.sent += events
+            marks = {p: max([marks.get(p, 0.0), *(e.started_at.timestamp() for e in events[p::2])]) for p in (0, 1)}
+            proc.process(topic.messages(0, events[0::2]) + topic.messages(1, events[1::2]))
+            proc.flush()
+        assert proc.floor == float("-inf")  # nothing pruned yet: no floor
+        before = _state(database_url)
+        rows_before = fetch_rows(database_url)
+        assert_rows_match_events(rows_before, topic.sent, proc.registry)
+
+        report = proc.prune()
+        assert report is not None and report.moved
+        last = max(e.started_at for e in topic.sent)
+        want_floor = min(marks.values()) - 30.0 - 7 * 86400.0
+        assert report.floor == pytest.approx(want_floor, abs=1e-3)
+        floor = datetime.fromtimestamp(want_floor, tz=UTC)
+        assert floor > START + timedelta(days=7) and floor < last
+
+        after = _state(database_url)
+        for table, kept in after.items():
+            want = {r for r in before[table] if r[1] + ENDS[r[0]] > floor}
+            assert kept == want, table
+            assert report.deleted[table] == len(before[table]) - len(want) > 0, table
+            assert want, table  # the recent buckets keep their state
+        assert fetch_rows(database_url) == rows_before  # the product is untouched
+        m = proc.metrics
+        assert m.prune_floor._value.get() == report.floor
+        assert m.pruned_rows.labels("stream_partials")._value.get() == report.deleted["stream_partials"]
+
+        again = proc.prune()  # nothing moved: nothing deleted
+        assert again is not None and not again.moved and again.floor == report.floor
+        assert _state(database_url) == after
+
+        # the flushes read the floor: every partition of this worker knows it from now on
+        events = _day(16, 200, seed=16)
+        topic.sent += events
+        proc.process(topic.messages(0, events[0::2]) + topic.messages(1, events[1::2]))
+        proc.flush()
+        assert proc.floor == report.floor
+        assert all(c.watermark.floor == report.floor for c in proc.contexts.values())
+
+        # A partition the pruning worker did not know of (the topic grew), assigned before the
+        # floor existed: its events older than the floor were not too late for it, and its
+        # flush would re-merge their rows from its own partial alone. Refused, nothing written.
+        old = _day(2, 5, seed=77)
+        out = late_joiner.process(topic.messages(3, old))
+        assert out.folded_events == 5
+        rows_now = fetch_rows(database_url)
+        with pytest.raises(FencedError, match="pruned"):
+            late_joiner.flush()
+        assert fetch_rows(database_url) == rows_now
+        with psycopg.connect(database_url) as conn:
+            assert conn.execute("SELECT count(*) FROM stream_offsets WHERE stream = %s AND partition = 3",
+                                (STREAM,)).fetchone() == (0,)
+    finally:
+        _close(proc, late_joiner)
+
+    # Restarted, it reads the floor: the same messages are too late now, and a new partition's
+    # events after the floor fold as usual, into rows that stay those of numpy over every event.
+    restarted = _owner(database_url, {3}, topic_partitions=4)
+    try:
+        assert restarted.contexts[3].watermark.floor == report.floor
+        topic.offsets[3] = 0
+        recent = _day(15, 20, seed=78)
+        out = restarted.process(topic.messages(3, old + recent))
+        assert sorted(r.reason for r in out.dlq) == ["too_late"] * 5
+        assert out.folded_events == 20
+        restarted.flush()
+        topic.sent += recent
+        assert_rows_match_events(fetch_rows(database_url), topic.sent, restarted.registry)
+    finally:
+        _close(restarted)
