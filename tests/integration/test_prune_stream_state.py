@@ -156,3 +156,58 @@ def test_prune_keeps_the_rows_and_only_lets_go_of_unreachable_buckets(database_u
         assert_rows_match_events(fetch_rows(database_url), topic.sent, restarted.registry)
     finally:
         _close(restarted)
+
+
+def test_the_worker_prunes_after_its_flushes_and_reports_it(config, tmp_path) -> None:  # noqa: ANN001
+    """A real worker on the broker, pruning after every flush (interval below the flushes'
+    spacing): the floor it reports is the one its stored watermarks give, no stream state of
+    a bucket ending by it is left, and the rows are those of numpy over every event."""
+    import time
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+    from worker_support import WorkerProcess, produce, stream_of, wait_caught_up
+
+    from stream_agg.devstack import free_port
+
+    cfg = config.with_overrides(group_id=f"g-{config.topic}")
+    stream = stream_of(cfg)
+    events = sorted(make_events(2400, seed=5, hours=12 * 24, users=15, start=START), key=lambda e: e.started_at)
+    port = free_port()
+    worker = WorkerProcess(cfg, tmp_path / "w.log", STREAM_AGG_PRUNE_INTERVAL="500ms",
+                           STREAM_AGG_METRICS_PORT=str(port)).start()
+
+    def metrics() -> dict[tuple, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    try:
+        produce(cfg, events[:2000], batch=50)
+        wait_caught_up(cfg, timeout=90, workers=[worker])
+        produce(cfg, events[2000:], batch=10)  # the last days, to every partition: more flushes, more prunes
+        wait_caught_up(cfg, timeout=60, workers=[worker])
+        with psycopg.connect(cfg.database_url) as conn:
+            marks = [t for (t,) in conn.execute("SELECT max_event_time FROM stream_offsets WHERE stream = %s",
+                                                (stream,))]
+        assert len(marks) == 4 and None not in marks
+        want = min(marks) - 30.0 - 7 * 86400.0
+        deadline = time.monotonic() + 20
+        while (m := metrics()).get(("stream_agg_prune_floor_timestamp_seconds", ())) != want:
+            assert time.monotonic() < deadline, f"floor {m.get(('stream_agg_prune_floor_timestamp_seconds', ()))}"
+            time.sleep(0.3)
+        pruned = {t: m[("stream_agg_pruned_rows_total", (("table", t),))] for t in ("stream_partials",
+                                                                                     "stream_partial_deltas")}
+        assert pruned["stream_partials"] > 0
+        with psycopg.connect(cfg.database_url) as conn:
+            assert conn.execute("SELECT pruned_before FROM stream_retention WHERE stream = %s",
+                                (stream,)).fetchone() == (want,)
+            left = conn.execute(
+                "SELECT granularity, bucket_time FROM stream_partials WHERE stream = %s", (stream,)).fetchall()
+        floor = datetime.fromtimestamp(want, tz=UTC)
+        assert left and all(t + ENDS[g] > floor for g, t in left)
+        assert "pruned the stream state of buckets ending by" in worker.log_text()
+        assert worker.terminate() == 0
+    finally:
+        worker.kill()
+    assert_rows_match_events(fetch_rows(cfg.database_url), events, default_registry(cfg.cardinality_caps))
