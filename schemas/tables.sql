@@ -96,7 +96,7 @@ CREATE TABLE IF NOT EXISTS stream_retention (
 	stream TEXT NOT NULL, 
 	pruned_before DOUBLE PRECISION NOT NULL, 
 	updated_at TIMESTAMP WITH TIME ZONE DEFAULT now() NOT NULL, 
-	PRIMARY KEY (stream)
+	CONSTRAINT stream_retention_pkey PRIMARY KEY (stream)
 );
 
 CREATE TABLE IF NOT EXISTS traces (

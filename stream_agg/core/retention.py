@@ -24,25 +24,36 @@ from stream_agg.core.buckets import GRANULARITIES, SPAN
 from stream_agg.core.watermark import WatermarkPolicy
 
 
+def unmarked(max_event_times: Mapping[int, float | None], partitions: int) -> list[int]:
+    """Partitions that have no stored max event time (and so hold the floor back).
+
+    The topic has at least `partitions` partitions, and at least one past the highest stored
+    one: a stored partition the caller's partition count does not cover means that count is
+    stale (the topic grew), so it is raised rather than trusted."""
+    n = max([partitions, *(p + 1 for p in max_event_times)])
+    return [p for p in range(n) if not _finite(max_event_times.get(p))]
+
+
 def prune_floor(max_event_times: Mapping[int, float | None], partitions: int,
                 policy: WatermarkPolicy) -> float | None:
     """The event time before which nothing can be folded any more, or None while some
-    partition `0..partitions-1` has no stored max event time (it would accept anything).
+    partition has no stored max event time (`unmarked`: it would accept anything).
 
-    `max_event_times`: every stored partition of the stream, topic partitions or not (a
-    stored partition beyond `partitions` counts too: the lower floor is the safe one)."""
-    if partitions <= 0 or any(max_event_times.get(p) is None for p in range(partitions)):
+    The policy must be the one every worker of the stream classifies with: a worker with a
+    shorter horizon would move the floor past what the others still accept."""
+    if partitions <= 0 or unmarked(max_event_times, partitions):
         return None
-    known = [t for t in max_event_times.values() if t is not None]
-    if not all(math.isfinite(t) for t in known):
-        return None
-    return min(known) - policy.out_of_orderness - policy.horizon
+    return min(t for t in max_event_times.values() if t is not None) - policy.out_of_orderness - policy.horizon
 
 
-def last_prunable_starts(floor: float) -> dict[str, float]:
-    """Per granularity, the latest bucket start whose bucket ends at or before `floor`
-    (bucket start <= this <=> start + span <= floor <=> the bucket can be deleted)."""
-    return {g: floor - SPAN[g] for g in GRANULARITIES}
+def _finite(t: float | None) -> bool:
+    return t is not None and math.isfinite(t)
+
+
+def last_prunable_starts(floor: float) -> dict[str, int]:
+    """Per granularity, the latest bucket start (whole seconds, like every bucket start)
+    whose bucket ends at or before `floor`: start <= this <=> start + span <= floor."""
+    return {g: math.floor(floor) - SPAN[g] for g in GRANULARITIES}
 
 
 def advance(stored: float | None, computed: float | None) -> float | None:

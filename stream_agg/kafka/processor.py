@@ -20,13 +20,12 @@ import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
 
 from stream_agg.config import Config
-from stream_agg.core.buckets import GRANULARITIES, SPAN
+from stream_agg.core.buckets import GRANULARITIES, SPAN, to_datetime
 from stream_agg.core.fold import BucketId, Columns, PartitionState, fold
 from stream_agg.core.merged_rows import RowBlock, iter_merged_blocks
 from stream_agg.core.partition_state import BlobPart, Changes
@@ -175,7 +174,7 @@ class Processor:
         if not new:
             return
         stored = self.reader.load_offsets(self.stream_id, new)
-        self._set_floor(self.reader.load_floor(self.stream_id))
+        self.set_floor(self.reader.load_floor(self.stream_id))
         for p in new:
             wm = Watermark(_policy(self.config))
             next_offset, base = 0, None
@@ -190,7 +189,7 @@ class Processor:
             log.info("assigned partition=%d next_offset=%d", p, next_offset)
         self.metrics.assigned_partitions.set(len(self.contexts))
 
-    def _set_floor(self, floor: float | None) -> None:
+    def set_floor(self, floor: float | None) -> None:
         """Every partition's events before the floor are too late from now on."""
         if floor is not None and floor > self.floor:
             self.floor = floor
@@ -462,7 +461,7 @@ class Processor:
 
     def commit(self, snap: Snapshot) -> list[Any]:
         """The snapshot is durable: advance fencing offsets, close buckets; returns refs to ack."""
-        self._set_floor(snap.floor)
+        self.set_floor(snap.floor)
         for part in snap.payload.partitions if snap.payload else []:
             ctx = self.contexts.get(part.partition)
             if ctx is not None:
@@ -537,20 +536,25 @@ class Processor:
         return report
 
     def prune(self) -> PruneReport | None:
-        """Delete the stream state of buckets no event can reach any more. On the writer's
-        thread between flushes (it uses the store's connection); None while the topic's
-        partition count is unknown."""
+        """Move the stream's floor and delete the stream state below it (store/retention.py).
+
+        On the writer's thread between flushes (it uses the store's connection; the live
+        partitions learn the floor from `set_floor` or the next flush). None while the
+        topic's partition count is unknown."""
         if self.topic_partitions is None:
             return None
         report = self.store.prune(self.stream_id, self.topic_partitions, _policy(self.config))
-        if report.moved and report.floor is not None:
-            for table, n in report.deleted.items():
-                self.metrics.pruned_rows.labels(table).inc(n)
-            log.info("pruned the stream state of buckets ending by %s (events before it are too late "
-                     "for every partition): %s", datetime.fromtimestamp(report.floor, tz=UTC).isoformat(),
-                     ", ".join(f"{table} {n}" for table, n in report.deleted.items()))
+        for table, n in report.deleted.items():
+            self.metrics.pruned_rows.labels(table).inc(n)
         if report.floor is not None:
             self.metrics.prune_floor.set(report.floor)
+        if report.deleted and any(report.deleted.values()):
+            log.info("pruned the stream state of buckets ending by %s (events before it are too late "
+                     "for every partition): %s", to_datetime(report.floor or 0).isoformat(),
+                     ", ".join(f"{table} {n}" for table, n in report.deleted.items()))
+        if report.unmarked:
+            log.info("stream state not pruned: partitions %s have no watermark yet (no event flushed), and "
+                     "would accept events of any age", report.unmarked)
         return report
 
     def flush(self) -> tuple[FlushReport | None, list[Any]]:

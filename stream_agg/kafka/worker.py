@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,7 +49,10 @@ FOLD_JOIN_BYTES = 2 * FOLD_BYTES
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
 IDLE_AFTER = 1.0  # at least this long without messages, the consumer counts as caught up (`idle_after`)
 TICK = 0.25  # seconds between the flush loop's checks
-PRUNE_RETRY = 60.0  # seconds before a failed prune is tried again (at most the prune interval)
+PRUNE_RETRY = 60.0  # seconds before a failed or locked-out prune is tried again (at most the prune interval)
+# Flushes a prune may follow: not those of a rebalance, shutdown or backpressure, which other
+# work (or every other worker of the group) is waiting for.
+ROUTINE = frozenset({"timer", "interval", "backlog end"})
 ARCHIVE_BYTES = 64 << 20  # raw-archive COPY text held before folding waits for a flush
 
 
@@ -212,7 +216,9 @@ class BacklogEnd:
 
 def remaining_messages(next_offsets: dict[int, int], highwater: Callable[[int], int | None]) -> int | None:
     """Messages Kafka holds past the fold's position, over these partitions (None if a high
-    watermark is not known yet)."""
+    watermark is not known yet, or there is no partition)."""
+    if not next_offsets:
+        return None
     total = 0
     for p, next_offset in next_offsets.items():
         high = highwater(p)
@@ -349,7 +355,9 @@ class WorkerShell:
                               now=self.last_flush)
         self.failures = 0
         self.stopping = False
-        self.next_prune = time.monotonic()  # after the first successful flush, then every prune_interval
+        # First after a routine flush up to a minute in (jittered, so that workers started
+        # together do not all prune at once), then every prune_interval.
+        self.next_prune = time.monotonic() + random.uniform(0.0, min(config.prune_interval, 60.0))
         # Micro-batches go from the agent to the fold loop through a small queue, each with its
         # decoding already started in the helper process(es): decoding overlaps folding.
         self.decoder = (DecodePool(self.registry, config.archive, config.decode_processes)
@@ -490,7 +498,8 @@ class WorkerShell:
     async def _handle(self, msgs: list[Message], decoded: list[DecodedPart] | None = None) -> None:
         self.last_batch = time.monotonic()
         outcome = await self._process(msgs, decoded)
-        self.hold.took(len(msgs))
+        # messages folded: not those skipped as re-delivered, stale or not ours
+        self.hold.took(len(msgs) - len(outcome.ack_now) - outcome.stale - outcome.ignored)
         for rec in outcome.dlq:
             await self.dlq.send(value=rec.value, headers=rec.headers())
         self.metrics.dlq_messages.inc(len(outcome.dlq))
@@ -514,6 +523,8 @@ class WorkerShell:
             if not await self._flush(reason="archive"):
                 await self._flush_until_ok(f"raw archive text pending {self.processor.archive_bytes >> 20} MB "
                                            f">= {ARCHIVE_BYTES >> 20} MB")
+        elif self._flushing():
+            return  # the next flush is decided once this one ends (the flush loop waits for it)
         elif self._backlog_ended() and self._due(idle=True):
             self._flush_soon("backlog end")  # now, not at the flush loop's next tick
         elif self._due(idle=False):
@@ -584,12 +595,16 @@ class WorkerShell:
         whose high watermark is not known yet)."""
         if not self.backlog.behind:
             return self.backlog.due
-        consumer, topic = self.app.consumer, self.config.topic
         try:
-            return self.backlog.ended({p: ctx.next_offset for p, ctx in list(self.processor.contexts.items())},
-                                      lambda p: consumer.highwater(TP(topic, p)))
+            return self.backlog.ended(*self._fold_positions())
         except Exception:  # noqa: BLE001 - not known before the consumer has fetched
             return False
+
+    def _fold_positions(self) -> tuple[dict[int, int], Callable[[int], int | None]]:
+        """Each owned partition's next offset to fold, and Kafka's high watermark by partition."""
+        consumer, topic = self.app.consumer, self.config.topic
+        return ({p: ctx.next_offset for p, ctx in list(self.processor.contexts.items())},
+                lambda p: consumer.highwater(TP(topic, p)))
 
     def _due(self, idle: bool) -> bool:
         """The flush interval has passed, and the flush is not held for a backlog's end."""
@@ -598,10 +613,8 @@ class WorkerShell:
             return False
         if idle or self.failures or not self.backlog.behind:
             return True
-        consumer, topic = self.app.consumer, self.config.topic
         try:
-            remaining = remaining_messages({p: ctx.next_offset for p, ctx in list(self.processor.contexts.items())},
-                                           lambda p: consumer.highwater(TP(topic, p)))
+            remaining = remaining_messages(*self._fold_positions())
         except Exception:  # noqa: BLE001 - not known before the consumer has fetched
             remaining = None
         first = self.hold.until is None
@@ -680,20 +693,25 @@ class WorkerShell:
             self.failures = 0
             self.metrics.db_up.set(1)
             self._ack(refs)
-            if self.config.prune_interval and time.monotonic() >= self.next_prune and not self.stopping:
+            if reason in ROUTINE and self.config.prune_interval and time.monotonic() >= self.next_prune:
                 await self._prune()
             return True
 
     async def _prune(self) -> None:
-        """Delete old stream state (`Processor.prune`) on the writer's thread, between two
-        flushes of this worker. A failure (its lock wait timed out behind other workers'
-        flushes, PostgreSQL went away) only postpones it: nothing depends on it."""
+        """Delete old stream state (`Processor.prune`) on the writer's thread, right after a
+        routine flush of this worker. It is tried again soon when another worker's flush held
+        the stream's lock, or when it failed: nothing depends on it."""
         every = self.config.prune_interval
         try:
-            await asyncio.get_running_loop().run_in_executor(self.writer, self.processor.prune)
+            report = await asyncio.get_running_loop().run_in_executor(self.writer, self.processor.prune)
         except Exception as exc:  # noqa: BLE001 - retried later
             every = min(every, PRUNE_RETRY)
             log.warning("pruning old stream state failed: %s; next try in %.0fs", describe_db_error(exc), every)
+        else:
+            if report is not None and report.busy:
+                every = min(every, PRUNE_RETRY)
+            if report is not None:
+                await self._run(self.processor.set_floor, report.floor)
         self.next_prune = time.monotonic() + every
 
     async def _snapshot(self) -> Snapshot:

@@ -184,9 +184,10 @@ stream_cap_cuts = Table(
 stream_retention = Table(
     "stream_retention",
     metadata,
-    Column("stream", Text, primary_key=True),
+    Column("stream", Text, nullable=False),
     Column("pruned_before", Double, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    PrimaryKeyConstraint("stream", name="stream_retention_pkey"),
 )
 
 schema_version = Table(

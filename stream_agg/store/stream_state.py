@@ -345,10 +345,15 @@ class StreamStore:
             raise
 
     def prune(self, stream: str, partitions: int, policy: WatermarkPolicy) -> retention.PruneReport:
-        """Delete the state no event can change any more, in a transaction of its own."""
+        """Move the stream's floor if its watermarks allow (a short transaction, skipped if a
+        flush holds the stream's lock), then delete the state below the floor (another one)."""
         try:
             with self.conn().transaction(), self.conn().cursor() as cur:
-                return retention.prune(cur, stream, partitions, policy)
+                report = retention.move_floor(cur, stream, partitions, policy)
+            if report.floor is not None:
+                with self.conn().transaction(), self.conn().cursor() as cur:
+                    report.deleted = retention.delete_below(cur, stream, report.floor)
+            return report
         except psycopg.Error:
             self._reset()
             raise
@@ -374,12 +379,12 @@ class StreamStore:
             try:
                 with conn.transaction(), conn.cursor() as cur:
                     floor = retention.floor_for_flush(cur, payload.stream)
+                    self._advance_offsets(cur, payload)  # fenced first: a zombie is told so
                     if floor is not None and payload.earliest_end is not None and payload.earliest_end <= floor:
                         raise FencedError(
                             f"a bucket ending at {_ts(payload.earliest_end).isoformat()} was folded into after "
                             f"{payload.stream}'s state before {_ts(floor).isoformat()} was pruned; its events "
                             "are too late (a restart reads the floor and sends them to the DLQ)")
-                    self._advance_offsets(cur, payload)
                     traces, spans = self._archive(cur, payload)
                     lap("archive")
                     rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,

@@ -115,6 +115,21 @@ def test_prune_keeps_the_rows_and_only_lets_go_of_unreachable_buckets(database_u
 
         again = proc.prune()  # nothing moved: nothing deleted
         assert again is not None and not again.moved and again.floor == report.floor
+        assert again.deleted == dict.fromkeys(report.deleted, 0) and again.unmarked == []
+        assert _state(database_url) == after
+
+        # A partial below the floor written again (a replay of an old range; or a prune whose
+        # floor was stored but whose deletes did not run) goes at the next prune, even while a
+        # flush holds the stream's lock: only moving the floor needs it, and is then skipped.
+        old_hour = datetime.fromtimestamp(want_floor, tz=UTC).replace(minute=0, second=0) - timedelta(hours=2)
+        with psycopg.connect(database_url) as flushing:
+            flushing.execute("INSERT INTO stream_partials (stream, granularity, bucket_time, partition, states, "
+                             "keys, applied_offset) VALUES (%s, 'hour', %s, 0, '\\x00', 0, 0)", (STREAM, old_hour))
+            flushing.commit()
+            flushing.execute("SELECT pg_advisory_xact_lock_shared(727275, hashtext(%s))", (STREAM,))
+            busy = proc.prune()
+            assert busy is not None and busy.busy and not busy.moved and busy.floor == report.floor
+            assert busy.deleted["stream_partials"] == 1
         assert _state(database_url) == after
 
         # the flushes read the floor: every partition of this worker knows it from now on

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stream_agg.core.buckets import GRANULARITIES, SPAN, bucket_start
-from stream_agg.core.retention import advance, last_prunable_starts, prune_floor
+from stream_agg.core.retention import advance, last_prunable_starts, prune_floor, unmarked
 from stream_agg.core.watermark import Watermark, WatermarkPolicy
 
 P = WatermarkPolicy(out_of_orderness=30.0, grace=60.0, horizon=7 * 86400.0, idle_timeout=60.0)
@@ -20,13 +20,18 @@ def test_floor_is_the_lowest_partition_too_late_line() -> None:
     marks = T0 + rng.uniform(0, 20 * 86400, 6)
     floor = prune_floor(dict(enumerate(marks.tolist())), 6, P)
     assert floor == marks.min() - 30.0 - 7 * 86400.0
-    # a stored partition the topic no longer reports still counts (the lower floor is the safe one)
-    assert prune_floor({**dict(enumerate(marks.tolist())), 9: T0 - 86400}, 6, P) == T0 - 86400 - 30.0 - 7 * 86400.0
+    # a stored partition past the caller's count: the count is stale (the topic grew), so the
+    # partitions in between count as unmarked, and once they are marked the lowest mark decides
+    stale = {**dict(enumerate(marks.tolist())), 9: T0 - 86400}
+    assert unmarked(stale, 6) == [6, 7, 8] and prune_floor(stale, 6, P) is None
+    full = {**stale, 6: T0, 7: T0, 8: T0}
+    assert unmarked(full, 6) == [] and prune_floor(full, 6, P) == T0 - 86400 - 30.0 - 7 * 86400.0
 
 
 @pytest.mark.parametrize("marks", [{0: T0, 1: T0}, {0: T0, 1: T0, 2: None}, {0: T0, 2: T0, 3: T0}])
 def test_no_floor_while_a_topic_partition_has_no_watermark(marks: dict[int, float | None]) -> None:
     assert prune_floor(marks, 3, P) is None
+    assert unmarked(marks, 3) == sorted({0, 1, 2} - {p for p, t in marks.items() if t is not None})
     assert prune_floor({0: T0, 1: -math.inf, 2: T0}, 3, P) is None
     assert prune_floor({}, 0, P) is None
 
