@@ -49,6 +49,7 @@ FOLD_JOIN_BYTES = 2 * FOLD_BYTES
 MAX_BACKOFF = 10.0  # seconds between retries while PostgreSQL is unreachable
 IDLE_AFTER = 1.0  # at least this long without messages, the consumer counts as caught up (`idle_after`)
 TICK = 0.25  # seconds between the flush loop's checks
+FETCH_MAX_WAIT_MS = 100  # longest a fetch waits at the broker for data (`ShortPollConsumerThread`)
 PRUNE_RETRY = 60.0  # seconds before a failed or locked-out prune is tried again (at most the prune interval)
 # Flushes a prune may follow: not those of a rebalance, shutdown or backpressure, which other
 # work (or every other worker of the group) is waiting for.
@@ -288,6 +289,31 @@ class BoundedBufferConsumer(faust_aiokafka.Consumer):
 
     def on_buffer_full(self, tp: TP) -> None:
         return None
+
+    def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
+        return ShortPollConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class ShortPollConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
+    """Faust's aiokafka consumer with fetches that wait at most `FETCH_MAX_WAIT_MS`.
+
+    aiokafka keeps one fetch in flight per broker, and leaves out of it the partitions
+    whose fetched records are not consumed yet. Near a backlog's end the partitions already
+    drained go alone into a fetch that the broker holds for `fetch_max_wait_ms` (Faust sets
+    1,500 ms) for lack of data, while the one partition with messages left waits behind it.
+    Traced on the benchmark: the last 50 messages of one partition came 1.2 s after the
+    rest, in about half the runs. A short wait costs an idle worker a few more empty fetches.
+    """
+
+    def _create_worker_consumer(self, transport: faust_aiokafka.Transport) -> Any:
+        return short_poll(super()._create_worker_consumer(transport))
+
+
+def short_poll(consumer: Any) -> Any:
+    """Set an aiokafka consumer's fetch wait to FETCH_MAX_WAIT_MS, before it starts (it
+    hands the value to its fetcher in `start`; Faust does not expose the setting)."""
+    consumer._fetch_max_wait_ms = FETCH_MAX_WAIT_MS
+    return consumer
 
 
 def build_app(config: Config) -> faust.App:
