@@ -267,3 +267,25 @@ def decode_all(payloads: list[bytes]) -> list[TraceEvent]:
 
 def as_bytes(event: TraceEvent | dict) -> bytes:
     return encode_event(event)
+
+
+def open_processor(url: str, stream: str, partitions: set[int], topic_partitions: int, **settings: Any) -> Any:
+    """A `Processor` on its own PostgreSQL connections (no Kafka), owning `partitions` of a
+    topic of `topic_partitions`, metrics server and raw archive off unless `settings` say."""
+    from stream_agg.config import load_config
+    from stream_agg.core.registry import default_registry
+    from stream_agg.kafka.processor import Processor
+    from stream_agg.observability import Metrics
+    from stream_agg.store.stream_state import StreamStore
+
+    config = load_config(env={}, **{"database_url": url, "metrics_port": 0, "archive": False, **settings})
+    proc = Processor(config, default_registry(config.cardinality_caps), StreamStore(url), Metrics(), stream)
+    proc.topic_partitions = topic_partitions
+    proc.assign(partitions)
+    return proc
+
+
+def close_processors(*procs: Any) -> None:
+    for proc in procs:
+        proc.reader.close()
+        proc.store.close()

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import psycopg
 from helpers import make_events
-from worker_support import assert_rows_match_events, fetch_rows
+from worker_support import assert_rows_match_events, close_processors, fetch_rows, open_processor
 
-from stream_agg.config import load_config
 from stream_agg.core.aggstate import AggState
 from stream_agg.core.cardinality import CAP_HASH_SQL, cap_hash
 from stream_agg.core.registry import OTHER, default_registry
 from stream_agg.events import TraceEvent, encode_event
 from stream_agg.kafka.processor import Message, Processor
-from stream_agg.observability import Metrics
 from stream_agg.store.schema import migrate
 from stream_agg.store.stream_state import StreamStore
 
@@ -34,18 +32,7 @@ PER_MESSAGE = 25
 
 
 def _processor(url: str, partitions: set[int]) -> Processor:
-    config = load_config(env={"STREAM_AGG_CARDINALITY_CAPS": "user=4"}, database_url=url, metrics_port=0,
-                         archive=False)
-    proc = Processor(config, default_registry(config.cardinality_caps), StreamStore(url), Metrics(), STREAM)
-    proc.topic_partitions = PARTITIONS
-    proc.assign(partitions)
-    return proc
-
-
-def _close(*procs: Processor) -> None:
-    for proc in procs:
-        proc.store.close()
-        proc.reader.close()
+    return open_processor(url, STREAM, partitions, PARTITIONS, cardinality_caps="user=4")
 
 
 def _rounds(events: list[TraceEvent], rounds: int) -> list[tuple[list[Message], list[TraceEvent]]]:
@@ -102,7 +89,7 @@ def test_rows_are_capped_over_every_partition_whoever_writes_them(database_url: 
                 if k[3] == "user"}
         assert held - set(fetch_rows(database_url))
     finally:
-        _close(a, b)
+        close_processors(a, b)
     # a stray row past the cut of a scope the last round writes (source 'stream'), as a
     # version that stored no cuts could leave: its scope then has no stored cut either
     stray_scope = next(k[:4] for k in sorted(fetch_rows(database_url)) if k[0] == "week" and k[3] == "user")
@@ -126,7 +113,7 @@ def test_rows_are_capped_over_every_partition_whoever_writes_them(database_url: 
         whole.process(rounds[3][0])
         whole.flush()
     finally:
-        _close(whole)
+        close_processors(whole)
     rows = fetch_rows(database_url)
     assert rows.pop((*stray_scope, backfilled))[-1] == "backfill"
     assert_rows_match_events(rows, events, registry)

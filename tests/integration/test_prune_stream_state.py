@@ -10,15 +10,13 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 from helpers import make_events
-from worker_support import assert_rows_match_events, fetch_rows
+from worker_support import assert_rows_match_events, close_processors, fetch_rows, open_processor
 
-from stream_agg.config import load_config
 from stream_agg.core.registry import default_registry
 from stream_agg.events import TraceEvent, encode_event
 from stream_agg.kafka.processor import Message, Processor
-from stream_agg.observability import Metrics
 from stream_agg.store.schema import migrate
-from stream_agg.store.stream_state import FencedError, StreamStore
+from stream_agg.store.stream_state import FencedError
 
 STREAM = "s:prune"
 START = datetime(2026, 3, 2, tzinfo=UTC)
@@ -42,17 +40,7 @@ class Topic:
 
 
 def _owner(url: str, parts: set[int], topic_partitions: int) -> Processor:
-    config = load_config(env={}, database_url=url, metrics_port=0, archive=False, cardinality_caps="user=5")
-    proc = Processor(config, default_registry(config.cardinality_caps), StreamStore(url), Metrics(), STREAM)
-    proc.topic_partitions = topic_partitions
-    proc.assign(parts)
-    return proc
-
-
-def _close(*procs: Processor) -> None:
-    for proc in procs:
-        proc.reader.close()
-        proc.store.close()
+    return open_processor(url, STREAM, parts, topic_partitions, cardinality_caps="user=5")
 
 
 def _state(url: str) -> dict[str, set[tuple]]:
@@ -154,7 +142,7 @@ def test_prune_keeps_the_rows_and_only_lets_go_of_unreachable_buckets(database_u
             assert conn.execute("SELECT count(*) FROM stream_offsets WHERE stream = %s AND partition = 3",
                                 (STREAM,)).fetchone() == (0,)
     finally:
-        _close(proc, late_joiner)
+        close_processors(proc, late_joiner)
 
     # Restarted, it reads the floor: the same messages are too late now, and a new partition's
     # events after the floor fold as usual, into rows that stay those of numpy over every event.
@@ -170,7 +158,7 @@ def test_prune_keeps_the_rows_and_only_lets_go_of_unreachable_buckets(database_u
         topic.sent += recent
         assert_rows_match_events(fetch_rows(database_url), topic.sent, restarted.registry)
     finally:
-        _close(restarted)
+        close_processors(restarted)
 
 
 def test_the_worker_prunes_after_its_flushes_and_reports_it(config, tmp_path) -> None:  # noqa: ANN001
