@@ -104,7 +104,8 @@ class Metrics:
             ["table"], registry=r)
         self.prune_floor = Gauge(
             "stream_agg_prune_floor_timestamp_seconds",
-            "Event time (unix) before which every partition's events are too late and stream state is pruned.",
+            "Event time (unix) before which every partition's events are too late and stream state is pruned "
+            "(0 until it first moves: a partition without a watermark holds it back).",
             registry=r)
         self.assigned_partitions = Gauge(
             "stream_agg_assigned_partitions", "Partitions this worker owns.", registry=r)
