@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from itertools import compress, repeat
+from itertools import compress
 from operator import attrgetter
 
 import numpy as np
@@ -20,10 +20,13 @@ from fastdigest import TDigest
 
 from stream_agg.core.aggstate import (
     DIGEST_SAMPLE,
+    HEADER_DTYPE,
+    NO_SAMPLE,
+    STATE_VERSION,
     VALUES_SAMPLE,
     AggState,
-    encode_bucket_bytes,
-    pack_headers,
+    TableBlob,
+    encode_bucket_tables,
     state_fields,
 )
 from stream_agg.core.registry import OTHER, Registry
@@ -228,10 +231,41 @@ class PartitionState:
     def encode_bucket(self, bucket: BucketId, slices: list[BucketSlice] | None = None) -> tuple[bytes, int]:
         """The bucket's blob (as `aggstate.encode_bucket` writes it) and its number of states
         (`slices`: the bucket's entry of `bucket_slices`, when the caller has it)."""
-        items: list[tuple[str, str, str, bytes]] = []
-        for metric, dim, t, rng in (self._bucket_tables(bucket) if slices is None else slices):
-            self._encode_into(items, metric, dim, t, t.keys[rng], t.slots[rng])
-        return encode_bucket_bytes(items), len(items)
+        tables = [self._table_blob(metric, dim, t, t.keys[rng], t.slots[rng])
+                  for metric, dim, t, rng in (self._bucket_tables(bucket) if slices is None else slices)]
+        return encode_bucket_tables(tables), sum(len(tb[2]) for tb in tables)
+
+    def encode_buckets(self, buckets: Collection[BucketId]) -> dict[BucketId, tuple[bytes, int]]:
+        """`encode_bucket` of many buckets: each table's states of all of them are packed at
+        once and then cut per bucket. A backlog's flush encodes hundreds of buckets of ~20
+        tables each; per (bucket, table), the fixed cost of the numpy calls was most of it."""
+        by_g: dict[str, list[int]] = {}
+        for g, b in dict.fromkeys(buckets):  # each once: a bucket asked twice must not list its keys twice
+            by_g.setdefault(g, []).append(b)
+        parts: dict[BucketId, list[TableBlob]] = {bucket: [] for bucket in buckets}
+        size = HEADER_DTYPE.itemsize
+        for (g, metric, dim), t in self.tables.items():
+            starts = by_g.get(g)
+            if not starts or not t.keys.size:
+                continue
+            lo = composite(np.asarray(starts, dtype=np.int64), 0)
+            cut = np.searchsorted(t.keys, np.concatenate((lo, lo + LABEL_SPACE)))
+            k = len(starts)
+            lengths = cut[k:] - cut[:k]
+            if not lengths.any():
+                continue
+            ends = np.cumsum(lengths)
+            begins = ends - lengths
+            pos = np.repeat(cut[:k] - begins, lengths) + np.arange(int(ends[-1]), dtype=np.int64)
+            names, heads, sizes, samples = self._table_parts(dim, t, t.keys[pos], t.slots[pos])
+            byte_end = np.concatenate(([0], np.cumsum(sizes))).tolist()
+            raw_sizes = sizes.astype("<i8", copy=False).tobytes()
+            for b, i, j in zip(starts, begins.tolist(), ends.tolist(), strict=True):
+                if j > i:
+                    parts[(g, b)].append((metric, dim, names[i:j], heads[i * size:j * size], raw_sizes[i * 8:j * 8],
+                                          samples[byte_end[i]:byte_end[j]]))
+        return {bucket: (encode_bucket_tables(tables), sum(len(tb[2]) for tb in tables))
+                for bucket, tables in parts.items()}
 
     def blob_plan(self, changes: Changes, deltas: Mapping[BucketId, int]) -> list[tuple[BucketId, BlobPart]]:
         """For each changed bucket, what its flush writes: None for the whole blob, or the
@@ -272,40 +306,47 @@ class PartitionState:
     def encode_keys(self, tables: dict[TableId, I64]) -> tuple[bytes, int]:
         """A blob (same format) of just these states: composite keys per table, all of one
         bucket and all present (a flush's changed keys: a delta over the stored blob)."""
-        items: list[tuple[str, str, str, bytes]] = []
+        out: list[TableBlob] = []
         for (g, metric, dim), comps in tables.items():
             t = self.tables[(g, metric, dim)]
             slots = t.lookup(comps)
             if (slots < 0).any():
                 raise KeyError(f"no state for {int((slots < 0).sum())} of the keys asked for in {g}/{metric}/{dim}")
-            self._encode_into(items, metric, dim, t, comps, slots)
-        return encode_bucket_bytes(items), len(items)
+            out.append(self._table_blob(metric, dim, t, comps, slots))
+        return encode_bucket_tables(out), sum(len(tb[2]) for tb in out)
 
-    def _encode_into(self, items: list[tuple[str, str, str, bytes]], metric: str, dim: str, t: StateTable,
-                     comps: I64, slots: I64) -> None:
-        """Append the `to_bytes` items of these states of table `t`.
+    def _table_blob(self, metric: str, dim: str, t: StateTable, comps: I64, slots: I64) -> TableBlob:
+        names, heads, sizes, samples = self._table_parts(dim, t, comps, slots)
+        return metric, dim, names, heads, sizes.astype("<i8", copy=False).tobytes(), samples
 
-        Headers are packed for a whole table at once, and each state's bytes are its header
-        joined to its sample's bytes by C-level maps (small samples written as their values),
-        so no AggState or digest is made, and no Python-level loop runs, per key (but the
-        per-array conversion of values that are not little-endian float64 already)."""
+    def _table_parts(self, dim: str, t: StateTable, comps: I64, slots: I64) -> tuple[list[str], bytes, I64, bytes]:
+        """These states of table `t` as (values, headers, sample sizes, samples): a version 2
+        blob's table (`aggstate.TableBlob`), the sizes still an array.
+
+        The headers are packed for the whole table at once, and the samples' bytes made by
+        C-level maps and joined (small samples written as their values), so no AggState or
+        digest is made, and no Python-level loop runs, per key (but the per-array conversion
+        of values that are not little-endian float64 already)."""
         labels = self.interners[dim].labels
         names = list(map(labels.__getitem__, (comps & LABEL_MASK).tolist()))
         n = slots.size
+        rec = np.empty(n, dtype=HEADER_DTYPE)
+        rec["version"] = STATE_VERSION
+        rec["count"], rec["sum"], rec["min"], rec["max"] = t.count[slots], t.total[slots], t.lo[slots], t.hi[slots]
+        rec["applied"] = t.applied[slots]
         if not t.with_digest:
-            heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots],
-                                 np.zeros(n, dtype=np.uint8))
-            items.extend(zip(repeat(metric), repeat(dim), names, heads))
-            return
+            rec["kind"] = NO_SAMPLE
+            return names, rec.tobytes(), np.zeros(n, dtype=np.int64), b""
         samples = list(map(t.digests.__getitem__, slots.tolist()))  # `digests` settles pending values once
         kinds = np.fromiter(map(SAMPLE_KIND.__getitem__, map(type, samples)), dtype=np.uint8, count=n)
-        heads = pack_headers(t.count[slots], t.total[slots], t.lo[slots], t.hi[slots], t.applied[slots], kinds)
+        rec["kind"] = kinds
         tails = np.full(n, b"", dtype=object)
         for kind, to_bytes in ((VALUES_SAMPLE, _values_bytes), (DIGEST_SAMPLE, _digest_bytes)):
             at = np.flatnonzero(kinds == kind)
             if at.size:
                 tails[at] = to_bytes(list(map(samples.__getitem__, at.tolist())))
-        items.extend(zip(repeat(metric), repeat(dim), names, map(bytes.__add__, heads, tails.tolist())))
+        parts = tails.tolist()
+        return names, rec.tobytes(), np.fromiter(map(len, parts), dtype=np.int64, count=n), b"".join(parts)
 
     @property
     def states(self) -> dict[Key, AggState]:

@@ -438,10 +438,10 @@ class Processor:
         began = time.perf_counter()
         try:
             for part, pstate, plan in snap.unencoded:
-                slices = pstate.bucket_slices([bucket for bucket, delta in plan if delta is None])
+                whole = pstate.encode_buckets([bucket for bucket, delta in plan if delta is None])
                 for bucket, delta in plan:
                     if delta is None:
-                        blob, nkeys = pstate.encode_bucket(bucket, slices[bucket])
+                        blob, nkeys = whole.pop(bucket)
                     else:
                         blob, nkeys = pstate.encode_keys(delta)
                         part.deltas.add(len(part.buckets))

@@ -121,20 +121,40 @@ def test_bytes_round_trip_and_versioning() -> None:
 
 
 def test_bucket_blob_round_trip_and_versioning() -> None:
-    from stream_agg.core.aggstate import decode_bucket, encode_bucket
+    from stream_agg.core.aggstate import decode_bucket, decode_bucket_items, encode_bucket
 
     items = [("trace.duration_ms", "user", "ann", AggState.from_values(_data("lognormal", 3000, 4), True, 17)),
-             ("trace.errors", "all", "all", AggState.from_values([0.0, 1.0, 1.0], False, 9))]
-    back = decode_bucket(encode_bucket(items))
-    assert [(m, d, v) for m, d, v, _ in back] == [(m, d, v) for m, d, v, _ in items]
-    assert [s for *_, s in back] == [s for *_, s in items]
+             ("trace.errors", "all", "all", AggState.from_values([0.0, 1.0, 1.0], False, 9)),
+             ("trace.duration_ms", "user", "bob", AggState.from_values([2.5], True, 18))]
+    blob = encode_bucket(items)
+    back = decode_bucket(blob)
+    # grouped by table (first-seen order), each table's states in their order
+    order = [0, 2, 1]
+    assert [(m, d, v) for m, d, v, _ in back] == [items[i][:3] for i in order]
+    assert [s for *_, s in back] == [items[i][3] for i in order]
     assert decode_bucket(encode_bucket([])) == []
     import msgspec
 
-    with pytest.raises(UnknownVersionError, match="version 2"):
-        decode_bucket(msgspec.msgpack.encode((2, [])))
+    # version 2: one entry per table, the states' headers, sample sizes and samples side by side
+    version, tables = msgspec.msgpack.decode(blob)
+    assert version == 2 and [(t[0], t[1], t[2]) for t in tables] == [
+        ("trace.duration_ms", "user", ["ann", "bob"]), ("trace.errors", "all", ["all"])]
+    per_state = [items[i][3].to_bytes() for i in order]
+    duration = tables[0]
+    assert duration[3] == per_state[0][:42] + per_state[1][:42]
+    assert np.frombuffer(duration[4], "<i8").tolist() == [len(per_state[0]) - 42, len(per_state[1]) - 42]
+    assert duration[5] == per_state[0][42:] + per_state[1][42:]
+    assert tables[1][3:] == [per_state[2], np.zeros(1, "<i8").tobytes(), b""]  # no sample
+    # version 1 (one item per state), written by earlier versions, still reads the same
+    v1 = msgspec.msgpack.encode((1, [(m, d, v, s.to_bytes()) for m, d, v, s in (items[i] for i in order)]))
+    assert decode_bucket_items(v1) == decode_bucket_items(blob)
+    with pytest.raises(UnknownVersionError, match="version 3"):
+        decode_bucket(msgspec.msgpack.encode((3, [])))
     with pytest.raises(UnknownVersionError):
         decode_bucket(b"\x00garbage")
+    short = msgspec.msgpack.encode((2, [(*duration[:5], duration[5][:-8])]))  # a sample cut short
+    with pytest.raises(UnknownVersionError, match="do not agree"):
+        decode_bucket(short)
 
 
 def test_compressed_blobs_zstd_written_and_zlib_still_read() -> None:

@@ -10,7 +10,14 @@ import pytest
 from fastdigest import TDigest
 from helpers import make_events, rank_error, reference_values
 
-from stream_agg.core.aggstate import AggState, compress_blob, decode_bucket, decode_bucket_items, digest_from_bytes
+from stream_agg.core.aggstate import (
+    AggState,
+    compress_blob,
+    decode_bucket,
+    decode_bucket_items,
+    digest_from_bytes,
+    encode_bucket_items,
+)
 from stream_agg.core.cardinality import capped_values
 from stream_agg.core.fold import PartitionState, fold_events
 from stream_agg.core.merged_rows import merged_blocks, merged_rows
@@ -47,8 +54,8 @@ def test_bucket_blob_decodes_to_the_held_states() -> None:
                     assert t.quantile(q) == pytest.approx(s.quantile(q), rel=1e-12)
 
 
-def _reference_blob(ps: PartitionState, bucket: tuple[str, int]) -> bytes:
-    """A bucket's blob built key by key, as `AggState.to_bytes` lays a state out, except that
+def _reference_items(ps: PartitionState, bucket: tuple[str, int]) -> list[tuple[str, str, str, bytes]]:
+    """A bucket's states built key by key, as `AggState.to_bytes` lays a state out, except that
     small samples are written as their values (kind 2) and no sample as nothing (kind 0)."""
     items = []
     for metric, dim, t, rng in ps._bucket_tables(bucket):
@@ -59,10 +66,12 @@ def _reference_blob(ps: PartitionState, bucket: tuple[str, int]) -> bytes:
             head = struct.pack("<BqdddqB", 1, int(t.count[slot]), float(t.total[slot]), float(t.lo[slot]),
                                float(t.hi[slot]), int(t.applied[slot]), kind)
             items.append((metric, dim, ps.interners[dim].labels[comp & 0xFFFFFFFF], head + tail))
-    return msgspec.msgpack.encode((1, items))
+    return items
 
 
-def test_bucket_blob_is_byte_for_byte_the_per_key_encoding() -> None:
+def test_bucket_blob_holds_exactly_the_per_key_states() -> None:
+    """The table-at-a-time blobs (one bucket, many buckets at once, a delta's keys) decode to
+    the states laid out key by key, and are the bytes `encode_bucket_items` makes of them."""
     reg = default_registry({"user": 20})
     ps = _partitions(make_events(3000, seed=12, hours=5, users=60), reg, n=1)[0]
     assert any(t._pending for t in ps.tables.values())  # digest values deferred: the encoding must settle them
@@ -73,11 +82,22 @@ def test_bucket_blob_is_byte_for_byte_the_per_key_encoding() -> None:
     kinds = {type(x) for t in ps.tables.values() if t.with_digest for x in t.digests[: t.used]}
     assert {np.ndarray, TDigest} <= kinds  # small samples as values and big ones as digests
     assert any(not t.with_digest for t in ps.tables.values())  # and states without a sample
+    many = ps.encode_buckets([*buckets[::-1], buckets[0], ("hour", 0)])
+    assert many[("hour", 0)] == (encode_bucket_items([]), 0)
     for bucket in buckets:
         assert slices[bucket] == list(ps._bucket_tables(bucket))
-        want = _reference_blob(ps, bucket)
-        assert got[bucket] == want
-        assert ps.encode_bucket(bucket)[0] == want
+        want = _reference_items(ps, bucket)
+        assert decode_bucket_items(got[bucket]) == want
+        assert got[bucket] == encode_bucket_items(want)
+        assert ps.encode_bucket(bucket)[0] == got[bucket]
+        assert many[bucket] == (got[bucket], len(want))
+    # a delta: some keys of some tables of one bucket
+    bucket = buckets[1]
+    tables = {(bucket[0], m, d): t.keys[rng][::3] for m, d, t, rng in slices[bucket][::2]}
+    wanted = {(m, d, ps.interners[d].labels[c & 0xFFFFFFFF]) for (_, m, d), cs in tables.items() for c in cs.tolist()}
+    delta, n = ps.encode_keys(tables)
+    want = [item for item in _reference_items(ps, bucket) if item[:3] in wanted]
+    assert n == len(want) > 0 and decode_bucket_items(delta) == want
 
 
 def _expected_row(parts: list[PartitionState], key: tuple, also: tuple[tuple, ...] = ()) -> tuple:
@@ -268,7 +288,6 @@ def test_a_delta_over_the_stored_blob_gives_the_bucket_as_its_whole_blob() -> No
     """What a flush writes for a bucket whose whole blob is stored and few of whose states
     changed (late events): only those states, which over the stored blob (`overlay`, as
     every reader applies them) give exactly the blob of the whole bucket."""
-    import msgspec
 
     from stream_agg.core.cardinality import cap_hash
     from stream_agg.core.partition_state import DELTA_SHARE, MAX_DELTAS
