@@ -51,6 +51,9 @@ Row = tuple[Any, ...]  # the columns of metrics_aggregates the stream writes, in
 class RowBlock:
     """Merged rows of one (granularity, metric, dimension): one entry per row in each column.
 
+    The merge gives the rows by value, then hour (`_index_order`: the order PostgreSQL's
+    dashboard index keeps them in); other makers of blocks may give any order.
+
     `quantiles` is (n, 3) with NaN for NULL (events are validated finite, so a real
     percentile is never NaN), or None for a metric without percentiles; `digests` holds
     the stored digest bytes (None = NULL), or is None for such a metric.
@@ -75,9 +78,9 @@ class RowBlock:
         """The block's rows at positions `rows` (a new block; the arrays are copied)."""
         at = rows.tolist()
         return RowBlock(self.granularity, self.metric, self.dimension, self.hours[rows],
-                        [self.labels[i] for i in at], self.count[rows], self.total[rows], self.lo[rows],
+                        list(map(self.labels.__getitem__, at)), self.count[rows], self.total[rows], self.lo[rows],
                         self.hi[rows], None if self.quantiles is None else self.quantiles[rows],
-                        None if self.digests is None else [self.digests[i] for i in at])
+                        None if self.digests is None else list(map(self.digests.__getitem__, at)))
 
     def keys(self) -> Iterator[Key]:
         g, m, d = self.granularity, self.metric, self.dimension
@@ -225,6 +228,12 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
     allc = np.concatenate(comps_all)
     uq, inv = np.unique(allc, return_inverse=True)
     n = uq.size
+    order = _index_order(uq, glob[dim].labels)
+    if order is not None:
+        uq = uq[order]
+        at = np.empty(n, dtype=np.int64)
+        at[order] = np.arange(n, dtype=np.int64)
+        inv = at[inv]
     count = np.zeros(n, dtype=np.int64)
     total = np.zeros(n)
     lo = np.full(n, math.inf)
@@ -251,6 +260,28 @@ def _table_block(pstates: Sequence[PartitionState], tid: TableId, hours: I64, gl
         samples = [x for t, slots in slots_all for x in _samples_of(t, slots)]
         block.quantiles, block.digests = _merge_samples(samples, inv, n, count)
     return block
+
+
+def _index_order(comps: I64, labels: list[str]) -> I64 | None:
+    """Positions of the composite keys `comps` (sorted: hour-major) by value, then hour, or
+    None when they are in that order already (one value).
+
+    Why: a block's rows are COPYed in its order, and keeping the dashboard index (metric,
+    granularity, dimension, value, time) was 40% of a backlog COPY's time in PostgreSQL, most
+    of it for entries landing all over the index. In its order they land side by side. The
+    196,000 rows of a 1,000,000-event flush COPYed into the table, 3 alternating rounds:
+    3.20 / 2.91 / 3.47 s in hour-major order against 2.68 / 2.42 / 2.80 s by value then hour
+    (/tmp/exp/idx4.py, not committed). Python orders strings by code point, as the "C" and
+    "C.UTF-8" collations do; under another collation a value's rows still come together.
+    """
+    ids = comps & LABEL_MASK
+    distinct = sorted_unique(ids)
+    if distinct.size <= 1:
+        return None
+    names = list(map(labels.__getitem__, distinct.tolist()))
+    rank = np.empty(distinct.size, dtype=np.int64)
+    rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(distinct.size, dtype=np.int64)
+    return np.lexsort((comps >> LABEL_BITS, rank[np.searchsorted(distinct, ids)]))
 
 
 def _cap_union(held: list[tuple[Any, I64, I64]], only: I64 | None, tid: TableId, interner: Interner, cap: int,
