@@ -438,9 +438,11 @@ class Processor:
         began = time.perf_counter()
         try:
             for part, pstate, plan in snap.unencoded:
-                whole = pstate.encode_buckets([bucket for bucket, delta in plan if delta is None])
+                whole: dict[BucketId, tuple[bytes, int]] = {}
                 for bucket, delta in plan:
                     if delta is None:
+                        if bucket not in whole:  # a granularity's blobs at once: fewer raw blobs held
+                            whole = pstate.encode_buckets([b for b, d in plan if d is None and b[0] == bucket[0]])
                         blob, nkeys = whole.pop(bucket)
                     else:
                         blob, nkeys = pstate.encode_keys(delta)

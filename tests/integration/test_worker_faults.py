@@ -165,7 +165,9 @@ def test_postgres_cut_for_30_seconds_mid_stream(cfg: Config, tmp_path: Path) -> 
         assert m[("stream_agg_flush_failures_total", ())] >= 1
         assert m[("stream_agg_database_up", ())] == 0
         produce(cfg, third, batch=100)  # new buckets: their stored state cannot be read -> consumption pauses
-        time.sleep(3)
+        deadline = time.monotonic() + 15  # within ~3 s when the machine is idle; longer when the suite loads it
+        while _metrics(port)[("stream_agg_consumption_paused", ())] != 1 and time.monotonic() < deadline:
+            time.sleep(0.5)
         assert _metrics(port)[("stream_agg_consumption_paused", ())] == 1
         proxy.restore()
         wait_caught_up(cfg, timeout=90, workers=[worker])
