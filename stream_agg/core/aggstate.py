@@ -12,7 +12,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Iterable
-from itertools import repeat
+from itertools import accumulate, repeat
 
 import msgspec
 import numpy as np
@@ -250,6 +250,8 @@ def encode_bucket_items(items: Iterable[tuple[str, str, str, bytes]]) -> bytes:
     tables: dict[tuple[str, str], tuple[list[str], list[bytes], list[bytes]]] = {}
     size = HEADER_DTYPE.itemsize
     for m, d, v, data in items:
+        if len(data) < size or data[0] != STATE_VERSION:
+            raise ValueError(f"{m}/{d}/{v}: not a version {STATE_VERSION} state ({len(data)} bytes)")
         values, heads, samples = tables.setdefault((m, d), ([], [], []))
         values.append(v)
         heads.append(data[:size])
@@ -324,11 +326,12 @@ def _table_items(tables: list[TableBlob]) -> list[tuple[str, str, str, bytes]]:
     out: list[tuple[str, str, str, bytes]] = []
     for metric, dim, values, heads, sizes, samples in tables:
         n = len(values)
-        lengths = np.frombuffer(sizes, dtype="<i8")
-        if len(heads) != n * size or lengths.size != n or int(lengths.sum()) != len(samples) or (lengths < 0).any():
+        lengths = np.frombuffer(sizes, dtype="<i8").tolist() if len(sizes) % 8 == 0 else None
+        if (len(heads) != n * size or lengths is None or len(lengths) != n or min(lengths, default=0) < 0
+                or sum(lengths) != len(samples)):  # Python ints: a damaged size cannot wrap around
             raise ValueError(f"table {metric}/{dim}: {n} values, {len(heads)} header bytes, "
-                             f"{lengths.size} sizes, {len(samples)} sample bytes do not agree")
-        ends = np.cumsum(lengths).tolist()
+                             f"{len(sizes)} size bytes, {len(samples)} sample bytes do not agree")
+        ends = list(accumulate(lengths))
         starts = [0, *ends[:-1]]
         heads_of = map(heads.__getitem__, map(slice, range(0, n * size, size), range(size, n * size + size, size)))
         samples_of = map(samples.__getitem__, map(slice, starts, ends))

@@ -264,8 +264,11 @@ class PartitionState:
                 if j > i:
                     parts[(g, b)].append((metric, dim, names[i:j], heads[i * size:j * size], raw_sizes[i * 8:j * 8],
                                           samples[byte_end[i]:byte_end[j]]))
-        return {bucket: (encode_bucket_tables(tables), sum(len(tb[2]) for tb in tables))
-                for bucket, tables in parts.items()}
+        out: dict[BucketId, tuple[bytes, int]] = {}
+        for bucket in list(parts):
+            tables = parts.pop(bucket)  # its slices freed as its blob is made
+            out[bucket] = (encode_bucket_tables(tables), sum(len(tb[2]) for tb in tables))
+        return out
 
     def blob_plan(self, changes: Changes, deltas: Mapping[BucketId, int]) -> list[tuple[BucketId, BlobPart]]:
         """For each changed bucket, what its flush writes: None for the whole blob, or the

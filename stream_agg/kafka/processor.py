@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 # budget: late events come in bursts (a producer's retry queue, a replayed backlog), and a
 # bucket quiet for ten minutes is cheaper to read back once than to hold for days.
 CACHE_IDLE_SECONDS = 600.0
+# Whole blobs are encoded this many buckets at a time (`PartitionState.encode_buckets`): few
+# enough that a backlog's raw blobs are not all held at once before the compress thread
+# takes them, enough that each table is visited a handful of times per flush, not per bucket.
+ENCODE_CHUNK = 64
 
 
 @dataclass
@@ -402,7 +406,7 @@ class Processor:
 
     def finish(self, snap: Snapshot, feed: BlobFeed | None = None) -> None:
         """Merge the rows of a `snapshot(encode=False)` into its payload's RowFeed, then encode
-        its partial blobs, handing each to `feed` as soon as it is made. On the processing
+        its partial blobs, handing them to `feed` a chunk of buckets at a time. On the processing
         thread, before anything is folded (both read the live states)."""
         try:
             self.merge(snap)
@@ -432,17 +436,21 @@ class Processor:
         snap.merge_seconds = time.perf_counter() - began
 
     def encode(self, snap: Snapshot, feed: BlobFeed | None = None) -> None:
-        """Encode the snapshot's partial blobs, handing each to `feed` as soon as it is made."""
+        """Encode the snapshot's partial blobs, handing them to `feed` a chunk of buckets at a time
+        (`ENCODE_CHUNK`), as each chunk is made."""
         if snap.unmerged is not None:
             raise RuntimeError("the snapshot's rows are not merged yet: call finish() (or merge() first)")
         began = time.perf_counter()
         try:
             for part, pstate, plan in snap.unencoded:
+                wholes = [bucket for bucket, delta in plan if delta is None]
+                chunks = {b: i // ENCODE_CHUNK for i, b in enumerate(wholes)}
                 whole: dict[BucketId, tuple[bytes, int]] = {}
                 for bucket, delta in plan:
                     if delta is None:
-                        if bucket not in whole:  # a granularity's blobs at once: fewer raw blobs held
-                            whole = pstate.encode_buckets([b for b, d in plan if d is None and b[0] == bucket[0]])
+                        if bucket not in whole:
+                            k = chunks[bucket]
+                            whole = pstate.encode_buckets(wholes[k * ENCODE_CHUNK:(k + 1) * ENCODE_CHUNK])
                         blob, nkeys = whole.pop(bucket)
                     else:
                         blob, nkeys = pstate.encode_keys(delta)

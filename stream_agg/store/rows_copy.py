@@ -6,7 +6,8 @@ numbers), more than the merge itself. Here the fixed-width part of every row of 
 (timestamp, the block's constant names, count, sum, min, max, avg, percentiles) is one
 numpy record array in network byte order, and only the value label and the digest are
 joined per row: ~0.3 us per row. Rows are grouped by which nullable columns are NULL, so
-each group has one fixed record layout.
+each group has one fixed record layout; the rows go out in the block's order all the same
+(the merge orders them for PostgreSQL's indexes: `core.merged_rows._index_order`).
 
 PostgreSQL's binary COPY format: a signature and two int32 (flags, extension length),
 then per row an int16 field count and per field an int32 length (-1 = NULL) and the bytes,
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable, Iterator
+from itertools import chain
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +67,7 @@ def _render_block(block: RowBlock, label_cache: dict[str, bytes]) -> Iterator[by
     digests = block.digests
     digest_pieces = ([_NULL] * n if digests is None
                      else [_NULL if d is None else _LEN.pack(len(d)) + d for d in digests])
+    fixed_pieces: list[Any] = [None] * n  # each row's fixed-width part, in the block's order
     for code in np.unique(pattern).tolist():
         rows = np.flatnonzero(pattern == code)
         have = [bool(code >> i & 1) for i in range(4)]
@@ -84,10 +88,14 @@ def _render_block(block: RowBlock, label_cache: dict[str, bytes]) -> Iterator[by
                 rec[col] = values[rows]
         width = rec.dtype.itemsize
         fixed = memoryview(rec.tobytes())
-        out: list[bytes | memoryview] = []
-        for k, r in enumerate(rows.tolist()):
-            out += (fixed[k * width:(k + 1) * width], label_pieces[r], digest_pieces[r])
-        yield b"".join(out)
+        pieces = list(map(fixed.__getitem__, map(slice, range(0, rows.size * width, width),
+                                                 range(width, rows.size * width + width, width))))
+        if rows.size == n:  # one layout for the whole block (the usual case)
+            fixed_pieces = pieces
+        else:
+            for r, piece in zip(rows.tolist(), pieces, strict=True):
+                fixed_pieces[r] = piece
+    yield b"".join(chain.from_iterable(zip(fixed_pieces, label_pieces, digest_pieces, strict=True)))
 
 
 def _layout(names: list[bytes], have: list[bool]) -> np.dtype:

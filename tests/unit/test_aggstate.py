@@ -155,6 +155,16 @@ def test_bucket_blob_round_trip_and_versioning() -> None:
     short = msgspec.msgpack.encode((2, [(*duration[:5], duration[5][:-8])]))  # a sample cut short
     with pytest.raises(UnknownVersionError, match="do not agree"):
         decode_bucket(short)
+    big = 2**63 - 1  # sizes whose int64 sum wraps around to the (empty) samples' length
+    wrapped = np.array([big, big, 2], dtype="<i8").tobytes()
+    with pytest.raises(UnknownVersionError, match="do not agree"):
+        decode_bucket(msgspec.msgpack.encode((2, [("m", "d", ["a", "b", "c"], b"\x01" * 126, wrapped, b"")])))
+    with pytest.raises(UnknownVersionError, match="do not agree"):  # sizes not whole int64s
+        decode_bucket(msgspec.msgpack.encode((2, [(*duration[:4], duration[4][:-3], duration[5])])))
+    from stream_agg.core.aggstate import encode_bucket_items
+
+    with pytest.raises(ValueError, match="not a version 1 state"):
+        encode_bucket_items([("m", "d", "v", b"\x01" * 10)])
 
 
 def test_compressed_blobs_zstd_written_and_zlib_still_read() -> None:
