@@ -13,7 +13,10 @@ alternating, each into an empty table (COPY, as a backlog's new buckets go in) a
 existing rows (staged COPY + the worker's `INSERT ... ON CONFLICT`, as rows of buckets
 already written go in):
 
-    python bench/copy_order.py [--events 1000000] [--rounds 3]
+    python bench/copy_order.py [--events 1000000] [--rounds 3] [--index-costs]
+
+`--index-costs` also COPYs the rows (by value) into copies of the table holding none, some or
+all of its three indexes (id key, unique key, dashboard index): what each costs.
 
 Prints each round's seconds and the medians. The rows are the same in every order (the
 script checks the table's contents match).
@@ -82,6 +85,41 @@ def write(url: str, blocks: list[RowBlock], upsert: bool) -> float:
         return time.perf_counter() - began
 
 
+# The table with none, some or all of metrics_aggregates' indexes (`--index-costs`).
+INDEX_SETS = {
+    "no index": [],
+    "id key": ["ALTER TABLE t_idx ADD PRIMARY KEY (id)"],
+    "id + unique key": ["ALTER TABLE t_idx ADD PRIMARY KEY (id)",
+                        "ALTER TABLE t_idx ADD UNIQUE (bucket_time, granularity, metric_name, dimension_type, "
+                        "dimension_value)"],
+    "all three": ["ALTER TABLE t_idx ADD PRIMARY KEY (id)",
+                  "ALTER TABLE t_idx ADD UNIQUE (bucket_time, granularity, metric_name, dimension_type, "
+                  "dimension_value)",
+                  "CREATE INDEX ON t_idx (metric_name, granularity, dimension_type, dimension_value, bucket_time)"],
+}
+
+
+def copy_with_indexes(url: str, blocks: list[RowBlock], ddl: list[str]) -> float:
+    """Seconds to COPY the blocks into a copy of metrics_aggregates holding just these indexes."""
+    with psycopg.connect(url) as conn, conn.cursor() as cur:
+        prefer_lz4(conn)
+        cur.execute("DROP TABLE IF EXISTS t_idx")
+        cur.execute("CREATE TABLE t_idx (LIKE metrics_aggregates INCLUDING DEFAULTS INCLUDING CONSTRAINTS "
+                    "INCLUDING STORAGE INCLUDING COMPRESSION) WITH (fillfactor = 70)")
+        cur.execute("ALTER TABLE t_idx ALTER COLUMN id SET DEFAULT nextval('metrics_aggregates_id_seq')")
+        for statement in ddl:
+            cur.execute(statement)
+        conn.commit()
+        cur.execute("CHECKPOINT")
+        began = time.perf_counter()
+        copy_rows(cur, "t_idx", blocks)
+        conn.commit()
+        seconds = time.perf_counter() - began
+        cur.execute("DROP TABLE t_idx")
+        conn.commit()
+        return seconds
+
+
 def contents(url: str) -> str:
     with psycopg.connect(url) as conn:
         return conn.execute("SELECT md5(string_agg(concat_ws('|', bucket_time, granularity, metric_name, "
@@ -95,6 +133,8 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    ap.add_argument("--index-costs", action="store_true",
+                    help="also COPY the rows (by value) into copies of the table with none, some or all of its indexes")
     args = ap.parse_args()
     states = folded_states(args.events, 500, 4, 80, 48.0, 2000)
     buckets = set().union(*(ps.resident for ps in states))
@@ -116,6 +156,14 @@ def main() -> None:
             what = "upsert over existing rows" if upsert else "COPY into an empty table"
             for name, ts in times.items():
                 print(f"  {what:26s} {name:15s} median {statistics.median(ts):.3f}s "
+                      f"({', '.join(f'{t:.3f}' for t in ts)})")
+        if args.index_costs:
+            costs: dict[str, list[float]] = {name: [] for name in INDEX_SETS}
+            for _ in range(args.rounds):
+                for name, ddl in INDEX_SETS.items():
+                    costs[name].append(copy_with_indexes(url, by_value, ddl))
+            for name, ts in costs.items():
+                print(f"  COPY, rows by value, {name:16s} median {statistics.median(ts):.3f}s "
                       f"({', '.join(f'{t:.3f}' for t in ts)})")
         if len(set(seen.values())) != 1:
             raise SystemExit(f"the table's contents differ between the orders: {seen}")

@@ -10,7 +10,8 @@ import numpy as np
 
 from stream_agg.core.buckets import GRANULARITIES, bucket_start
 from stream_agg.core.cardinality import capped_values
-from stream_agg.core.fold import Columns
+from stream_agg.core.fold import Columns, PartitionState, fold_events
+from stream_agg.core.merged_rows import RowBlock, merged_blocks
 from stream_agg.core.registry import DIMENSIONS, OTHER, Registry
 from stream_agg.events import TraceEvent
 from stream_agg.kafka.decode_pool import DecodedPart
@@ -142,3 +143,12 @@ def assert_same_part(a: DecodedPart, b: DecodedPart) -> None:
     assert (a.cols is None) == (b.cols is None)
     if a.cols is not None and b.cols is not None:
         assert_same_columns(a.cols, b.cols)
+
+
+def merged_round_robin(events: list[TraceEvent], registry: Registry, partitions: int) -> list[RowBlock]:
+    """The row blocks merged from `events` folded round robin into `partitions` partition
+    states (event i into partition i % partitions, one fold each), every bucket held."""
+    parts = [PartitionState(registry) for _ in range(partitions)]
+    for i, p in enumerate(parts):
+        fold_events(p, events[i::partitions], np.arange(i, len(events), partitions))
+    return list(merged_blocks(parts, set().union(*(p.buckets for p in parts))))

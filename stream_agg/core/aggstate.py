@@ -232,8 +232,9 @@ _BUCKET_VERSION = msgspec.msgpack.Decoder(tuple[int, msgspec.Raw])
 _BUCKET_V1 = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str, str, bytes]]])
 _BUCKET_V2 = msgspec.msgpack.Decoder(tuple[int, list[tuple[str, str, list[str], bytes, bytes, bytes]]])
 
-# One table's states in a version 2 blob: (metric, dimension, values, headers, sizes, samples).
-TableBlob = tuple[str, str, list[str], bytes, bytes, bytes]
+# One table's states in a version 2 blob: (metric, dimension, values, headers, sizes, samples)
+# (written from bytes or views of bytes; read back as bytes).
+TableBlob = tuple[str, str, list[str], bytes | memoryview, bytes | memoryview, bytes | memoryview]
 
 
 def encode_bucket(states: Iterable[tuple[str, str, str, AggState]]) -> bytes:

@@ -257,9 +257,11 @@ class PartitionState:
             ends = np.cumsum(lengths)
             begins = ends - lengths
             pos = np.repeat(cut[:k] - begins, lengths) + np.arange(int(ends[-1]), dtype=np.int64)
-            names, heads, sizes, samples = self._table_parts(dim, t, t.keys[pos], t.slots[pos])
+            names, heads_bytes, sizes, samples_bytes = self._table_parts(dim, t, t.keys[pos], t.slots[pos])
             byte_end = np.concatenate(([0], np.cumsum(sizes))).tolist()
-            raw_sizes = sizes.astype("<i8", copy=False).tobytes()
+            # views, not copies: each table's bytes are held once until its buckets' blobs are made
+            heads, samples = memoryview(heads_bytes), memoryview(samples_bytes)
+            raw_sizes = memoryview(sizes.astype("<i8", copy=False).tobytes())
             for b, i, j in zip(starts, begins.tolist(), ends.tolist(), strict=True):
                 if j > i:
                     parts[(g, b)].append((metric, dim, names[i:j], heads[i * size:j * size], raw_sizes[i * 8:j * 8],
@@ -349,6 +351,7 @@ class PartitionState:
             if at.size:
                 tails[at] = to_bytes(list(map(samples.__getitem__, at.tolist())))
         parts = tails.tolist()
+        del tails, samples  # the states' own bytes objects go as soon as they are joined
         return names, rec.tobytes(), np.fromiter(map(len, parts), dtype=np.int64, count=n), b"".join(parts)
 
     @property

@@ -47,7 +47,14 @@ CACHE_IDLE_SECONDS = 600.0
 # Whole blobs are encoded this many buckets at a time (`PartitionState.encode_buckets`): few
 # enough that a backlog's raw blobs are not all held at once before the compress thread
 # takes them, enough that each table is visited a handful of times per flush, not per bucket.
-ENCODE_CHUNK = 64
+ENCODE_CHUNK = 16
+# Encoding outruns the compress thread (~0.2 s against ~0.3 s per 100 MB of raw blobs, and
+# the other core is PostgreSQL's during a flush), so raw blobs pile up: +40-60 MB at the peak
+# of the benchmark's last flush. Before each chunk, the encoding waits while more blobs than
+# this wait for compression, for at most ENCODE_WAIT seconds per flush (a compress thread that
+# died must not stop the flush: the write fails with its error anyway).
+ENCODE_PENDING_BLOBS = 64
+ENCODE_WAIT = 2.0
 
 
 @dataclass
@@ -441,6 +448,7 @@ class Processor:
         if snap.unmerged is not None:
             raise RuntimeError("the snapshot's rows are not merged yet: call finish() (or merge() first)")
         began = time.perf_counter()
+        waited = 0.0
         try:
             for part, pstate, plan in snap.unencoded:
                 wholes = [bucket for bucket, delta in plan if delta is None]
@@ -449,6 +457,7 @@ class Processor:
                 for bucket, delta in plan:
                     if delta is None:
                         if bucket not in whole:
+                            waited = _pace(feed, waited)
                             k = chunks[bucket]
                             whole = pstate.encode_buckets(wholes[k * ENCODE_CHUNK:(k + 1) * ENCODE_CHUNK])
                         blob, nkeys = whole.pop(bucket)
@@ -658,3 +667,13 @@ def _rss() -> str:
             return f"{int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') >> 20}MB"
     except (OSError, ValueError, IndexError):
         return "?"
+
+
+def _pace(feed: BlobFeed | None, waited: float) -> float:
+    """Wait while the compress thread lags more than ENCODE_PENDING_BLOBS blobs behind, for at
+    most what is left of ENCODE_WAIT; returns the seconds waited so far in this flush."""
+    began = time.monotonic()
+    while (feed is not None and feed.pending() > ENCODE_PENDING_BLOBS
+           and waited + time.monotonic() - began < ENCODE_WAIT):
+        time.sleep(0.002)
+    return waited + time.monotonic() - began

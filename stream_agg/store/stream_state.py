@@ -151,6 +151,10 @@ class Feed(Generic[T]):
     def put(self, item: T) -> None:
         self._queue.put(item)
 
+    def pending(self) -> int:
+        """Items put and not yet taken by the reader (approximately: for pacing the maker)."""
+        return self._queue.qsize()
+
     def close(self, error: BaseException | None = None) -> None:
         """Everything is made, or making it failed with `error`."""
         self._queue.put(self._END if error is None else error)

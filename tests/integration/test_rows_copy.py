@@ -10,11 +10,10 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from helpers import make_events
+from helpers import make_events, merged_round_robin
 
 from stream_agg.core.buckets import to_datetime
-from stream_agg.core.fold import PartitionState, fold_events
-from stream_agg.core.merged_rows import RowBlock, merged_blocks
+from stream_agg.core.merged_rows import RowBlock
 from stream_agg.core.registry import default_registry
 from stream_agg.core.state_table import HOUR
 from stream_agg.store import rows_copy
@@ -49,11 +48,8 @@ def _load(database_url: str, blocks: list[RowBlock]) -> dict[tuple, tuple]:
 def test_rendered_rows_load_back_unchanged(database_url: str) -> None:
     migrate(database_url)
     reg = default_registry({"user": 5})
-    parts = [PartitionState(reg) for _ in range(2)]
     events = make_events(600, seed=31, hours=5, users=12, null_rate=0.3)
-    for i, p in enumerate(parts):
-        fold_events(p, events[i::2], np.arange(i, len(events), 2))
-    blocks = [*merged_blocks(parts, set().union(*(p.buckets for p in parts))), _awkward_block()]
+    blocks = [*merged_round_robin(events, reg, 2), _awkward_block()]
     got = _load(database_url, blocks)
     want = [row for b in blocks for _, row in b.rows()]
     assert len(got) == len(want) == sum(len(b) for b in blocks)
@@ -72,11 +68,8 @@ def test_merged_rows_reach_the_table_in_the_dashboard_index_order(database_url: 
     rows' NULL patterns; every row once."""
     migrate(database_url)
     reg = default_registry({"user": 50})
-    parts = [PartitionState(reg) for _ in range(2)]
     events = make_events(2000, seed=32, hours=9, users=40, null_rate=0.1)
-    for i, p in enumerate(parts):
-        fold_events(p, events[i::2], np.arange(i, len(events), 2))
-    merged = list(merged_blocks(parts, set().union(*(p.buckets for p in parts))))
+    merged = merged_round_robin(events, reg, 2)
     # blocks of several hours and values: hour-major order would differ
     assert any(len(set(b.labels)) > 1 and len(set(b.hours.tolist())) > 1 for b in merged)
     blocks = [*merged, _awkward_block()]  # every NULL pattern (record layout) in one block
@@ -198,11 +191,8 @@ def test_a_flush_split_between_new_and_existing_buckets_writes_every_column(data
     column reads back as merged."""
     migrate(database_url)
     reg = default_registry({"user": 5})
-    parts = [PartitionState(reg) for _ in range(2)]
     events = make_events(800, seed=33, hours=30, users=12)
-    for i, p in enumerate(parts):
-        fold_events(p, events[i::2], np.arange(i, len(events), 2))
-    blocks = merged_blocks(parts, set().union(*(p.buckets for p in parts)))
+    blocks = merged_round_robin(events, reg, 2)
     want = {k: row for b in blocks for k, row in b.rows()}
     existing = sorted({(k[0], k[1]) for k in want})[::3]  # every third bucket has a (stale) row
     assert {g for g, _ in existing} == {"hour", "day", "week"}
@@ -239,11 +229,8 @@ def test_large_digests_are_stored_with_lz4_where_the_server_has_it(database_url:
     A server without lz4 keeps pglz and the rows are written all the same."""
     migrate(database_url)
     reg = default_registry()
-    parts = [PartitionState(reg) for _ in range(2)]
     events = make_events(6000, seed=34, hours=3)
-    for i, p in enumerate(parts):
-        fold_events(p, events[i::2], np.arange(i, len(events), 2))
-    blocks = merged_blocks(parts, set().union(*(p.buckets for p in parts)))
+    blocks = merged_round_robin(events, reg, 2)
     want = {k: row for b in blocks for k, row in b.rows()}
     upserted = sorted({(k[0], k[1]) for k in want if k[0] == "day"})
     with psycopg.connect(database_url) as conn:  # a day bucket with a row: its rows take the upsert

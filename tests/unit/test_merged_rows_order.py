@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from helpers import make_events
+from helpers import make_events, merged_round_robin
 
-from stream_agg.core.fold import PartitionState, fold_events
-from stream_agg.core.merged_rows import _by_segment_then_value, merged_blocks
+from stream_agg.core.merged_rows import _by_segment_then_value
 from stream_agg.core.registry import default_registry
 
 
@@ -24,11 +23,8 @@ def test_values_sorted_per_segment_as_lexsort_sorts_them() -> None:
 
 def test_merged_blocks_give_rows_by_value_then_hour() -> None:
     reg = default_registry({"user": 30})
-    parts = [PartitionState(reg) for _ in range(3)]
     events = make_events(3000, seed=8, hours=10, users=50, null_rate=0.1)
-    for i, p in enumerate(parts):
-        fold_events(p, events[i::3], np.arange(i, len(events), 3))
-    blocks = list(merged_blocks(parts, set().union(*(p.buckets for p in parts))))
+    blocks = merged_round_robin(events, reg, 3)
     several = 0
     for b in blocks:
         pairs = list(zip(b.labels, b.hours.tolist(), strict=True))
