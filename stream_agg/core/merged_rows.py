@@ -267,13 +267,13 @@ def _index_order(comps: I64, labels: list[str]) -> I64 | None:
     None when they are in that order already (one value).
 
     Why: a block's rows are COPYed in its order, and keeping the dashboard index (metric,
-    granularity, dimension, value, time) was 40% of a backlog COPY's time in PostgreSQL, most
+    granularity, dimension, value, time) was 36-40% of a backlog COPY's time in PostgreSQL, most
     of it for entries landing all over the index. In its order they land side by side: the
     196,000 rows of a 1,000,000-event flush took 8-20% less time to COPY than in the former
     order (hour, then value id), and 7-18% less to upsert (medians of three runs of
-    `bench/copy_order.py` on a noisy machine). Python orders
-    strings by code point, as the "C" and "C.UTF-8" collations do; under another collation a
-    value's rows still come together.
+    `bench/copy_order.py` on a noisy machine). Python orders strings by code point, as the
+    "C" and "C.UTF-8" collations do; under another collation a value's rows still come
+    together.
     """
     ids = comps & LABEL_MASK
     distinct = sorted_unique(ids)

@@ -351,7 +351,6 @@ class PartitionState:
             if at.size:
                 tails[at] = to_bytes(list(map(samples.__getitem__, at.tolist())))
         parts = tails.tolist()
-        del tails, samples  # the states' own bytes objects go as soon as they are joined
         return names, rec.tobytes(), np.fromiter(map(len, parts), dtype=np.int64, count=n), b"".join(parts)
 
     @property
