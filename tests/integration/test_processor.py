@@ -8,23 +8,27 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 
 import numpy as np
 import orjson
 import psycopg
 import pytest
-from helpers import make_events
+from helpers import make_events, open_memfds
 
 from stream_agg.config import load_config
 from stream_agg.core.aggstate import decode_bucket, decode_bucket_items, is_compressed
 from stream_agg.core.merged_rows import RowBlock
 from stream_agg.core.registry import default_registry
 from stream_agg.events import encode_event
-from stream_agg.kafka.decode_pool import DecodePool, decode_batch
+from stream_agg.kafka import decode_pool
+from stream_agg.kafka.decode_pool import SHARED_INPUT, DecodedPart, DecodePool, decode_batch
 from stream_agg.kafka.processor import Message, Processor, Snapshot
 from stream_agg.kafka.worker import WorkerShell
 from stream_agg.observability import Metrics
@@ -97,19 +101,36 @@ def test_processor_folds_the_same_from_helper_parts(database_url: str) -> None:
             proc.store.close()
 
 
-def test_helper_process_results_and_its_death() -> None:
+def _same_parts(parts: list[DecodedPart] | None, msgs: list[Message]) -> None:
+    want = decode_batch(_grouped(msgs), archive=False)
+    assert parts is not None and [p.partition for p in parts] == [p.partition for p in want]
+    for got, exp in zip(parts, want, strict=True):
+        assert np.array_equal(got.offsets, exp.offsets) and got.rejects == exp.rejects
+        assert got.rejects  # the batch holds bad input: its raw bytes come back in the rejects
+        for level, cols in exp.cols.levels.items():
+            for name, values in cols.values.items():
+                assert np.array_equal(got.cols.levels[level].values[name], values, equal_nan=True)
+            assert got.cols.levels[level].labels == cols.labels
+
+
+def _fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["memfd", "pipe"])
+def test_helper_process_results_and_its_death(shared: bool) -> None:
     msgs = _batches()[2]
+    if shared and not SHARED_INPUT:
+        pytest.skip("memfds are Linux-only")
 
     async def run() -> None:
-        pool = DecodePool(default_registry({"user": 1000}), archive=False)
+        pool = DecodePool(default_registry({"user": 1000}), archive=False, shared=shared)
         try:
-            parts = await pool.result(pool.submit(_grouped(msgs)))
-            want = decode_batch(_grouped(msgs), archive=False)
-            assert parts is not None and [p.partition for p in parts] == [p.partition for p in want]
-            for got, exp in zip(parts, want, strict=True):
-                assert np.array_equal(got.offsets, exp.offsets) and got.rejects == exp.rejects
-                assert np.array_equal(got.cols.levels["trace"].values["trace.duration_ms"],
-                                      exp.cols.levels["trace"].values["trace.duration_ms"])
+            _same_parts(await pool.result(pool.submit(_grouped(msgs))), msgs)
+            before = _fds()  # the helper is started (its pipes are open)
+            _same_parts(await pool.result(pool.submit(_grouped(msgs))), msgs)
+            assert pool.shared is shared
+            assert _fds() == before  # the memfd is closed once decoded
             helpers = list(pool._pool._processes)  # type: ignore[union-attr]
             assert helpers
             for pid in helpers:
@@ -117,10 +138,40 @@ def test_helper_process_results_and_its_death() -> None:
             for _ in range(3):  # the batch in flight and the ones after: None = decode in process
                 assert await pool.result(pool.submit(_grouped(msgs))) is None
             assert not pool.running
+            assert not open_memfds()
         finally:
             pool.close()
 
     asyncio.run(asyncio.wait_for(run(), timeout=60))
+
+
+@pytest.mark.skipif(not SHARED_INPUT, reason="memfds are Linux-only")
+def test_a_helper_that_cannot_read_the_memfd_gets_the_messages_through_its_pipe(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """/proc locked down (here: the memfd named by a process that is gone): that batch is decoded
+    in process (None), the helper stays, and later batches go through its pipe."""
+    msgs = _batches()[2]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    monkeypatch.setattr(decode_pool, "share_batch",
+                        lambda batch, real=decode_pool.share_batch: replace(real(batch), pid=dead.pid))
+
+    async def run() -> None:
+        pool = DecodePool(default_registry({"user": 1000}), archive=False)
+        try:
+            assert pool.shared
+            assert await pool.result(pool.submit(_grouped(msgs))) is None
+            assert pool.running and not pool.shared
+            _same_parts(await pool.result(pool.submit(_grouped(msgs))), msgs)
+            assert not open_memfds()
+        finally:
+            pool.close()
+
+    with caplog.at_level(logging.WARNING, logger="stream_agg.kafka.decode_pool"):
+        asyncio.run(asyncio.wait_for(run(), timeout=60))
+    warned = [r.getMessage() for r in caplog.records if "memfd" in r.getMessage()]
+    assert len(warned) == 1 and f"FileNotFoundError: [Errno 2] No such file or directory: '/proc/{dead.pid}/fd/" \
+        in warned[0] and warned[0].endswith("sending them through its pipe from now on")
 
 
 def test_the_decode_helper_collects_garbage_less_often() -> None:
