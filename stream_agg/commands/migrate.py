@@ -14,7 +14,7 @@ from stream_agg.config import ConfigError, load_config, redact_url
 @click.option("--print-sql", is_flag=True, help="Print the schema as plain SQL and exit.")
 def command(database_url: str | None, print_sql: bool) -> None:
     """Create or upgrade metrics_aggregates, traces, spans and the stream's state tables."""
-    from stream_agg.store.schema import LATEST, ddl_sql, migrate
+    from stream_agg.store.schema import LATEST, SchemaTooNewError, ddl_sql, migrate
 
     if print_sql:
         click.echo(ddl_sql(), nl=False)
@@ -22,7 +22,7 @@ def command(database_url: str | None, print_sql: bool) -> None:
     try:
         config = load_config(database_url=database_url)
         applied = migrate(config.database_url)
-    except ConfigError as exc:
+    except (ConfigError, SchemaTooNewError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - one clear line for operators

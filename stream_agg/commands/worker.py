@@ -33,7 +33,7 @@ def command(bootstrap: str | None, database_url: str | None, topic: str | None, 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     from stream_agg.kafka.admin import BrokerUnavailable, ensure_topics, partition_count
     from stream_agg.store.db import describe_db_error
-    from stream_agg.store.schema import migrate
+    from stream_agg.store.schema import SchemaTooNewError, migrate
 
     try:
         config = load_config(kafka_bootstrap=bootstrap, database_url=database_url, topic=topic,
@@ -52,6 +52,9 @@ def command(bootstrap: str | None, database_url: str | None, topic: str | None, 
         sys.exit(2)
     try:
         migrate(config.database_url)
+    except SchemaTooNewError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
     except Exception as exc:  # noqa: BLE001 - one clear line
         click.echo(f"error: cannot reach PostgreSQL at {redact_url(config.database_url)}: "
                    f"{describe_db_error(exc)}", err=True)

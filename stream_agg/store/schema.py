@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import psycopg
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -212,9 +213,38 @@ def _v3(conn: Connection) -> None:
 
 
 # Ordered upgrade steps; append, never edit a released one. (v1 creates every table of
-# the metadata, so on a new database v2 and v3 find their tables there already.)
+# the metadata, so on a new database v2 and v3 find their tables there already.) A change
+# of what the stream stores (a new blob codec, a new meaning of a column) is a step too,
+# an empty one if no DDL changes: then `refuse_newer` keeps the older versions away.
 MIGRATIONS: tuple[tuple[int, Callable[[Connection], None]], ...] = ((1, _v1), (2, _v2), (3, _v3))
 LATEST = MIGRATIONS[-1][0]
+
+
+class SchemaTooNewError(RuntimeError):
+    """The database was migrated by a newer stream-agg than this one."""
+
+
+def refuse_newer(version: int) -> None:
+    """Stop before touching a database migrated by a newer stream-agg.
+
+    Why: a newer version may store state this one cannot read or would write over in its
+    older format. The last blob codec change (version 2 of the partial blobs) had no such
+    guard: an older worker started on new blobs and stopped at the first one it loaded.
+    """
+    if version > LATEST:
+        raise SchemaTooNewError(
+            f"the database's stream-agg schema is version {version}, newer than this stream-agg knows "
+            f"(up to {LATEST}); it may hold state this version cannot read: run the stream-agg that "
+            "migrated it, or a newer one")
+
+
+def schema_version_of(conn: psycopg.Connection) -> int:
+    """The version recorded in `stream_agg_schema` (0: none), on a psycopg connection."""
+    row = conn.execute("SELECT to_regclass('stream_agg_schema') IS NOT NULL").fetchone()
+    if not row or not row[0]:
+        return 0
+    got = conn.execute("SELECT coalesce(max(version), 0) FROM stream_agg_schema").fetchone()
+    return int(got[0]) if got else 0
 
 
 def make_engine(url: str) -> Engine:
@@ -227,6 +257,7 @@ def make_engine(url: str) -> Engine:
 
 def migrate(url_or_engine: str | Engine) -> list[int]:
     """Create or upgrade the tables; returns the versions applied (empty = already current).
+    Raises SchemaTooNewError on a database a newer stream-agg migrated.
 
     A transaction-scoped advisory lock serialises concurrent migrations (several workers
     starting at once).
@@ -237,6 +268,7 @@ def migrate(url_or_engine: str | Engine) -> list[int]:
         conn.execute(text("SELECT pg_advisory_xact_lock(727274)"))
         schema_version.create(conn, checkfirst=True)
         current = conn.execute(text("SELECT coalesce(max(version), 0) FROM stream_agg_schema")).scalar_one()
+        refuse_newer(current)
         for version, step in MIGRATIONS:
             if version > current:
                 step(conn)

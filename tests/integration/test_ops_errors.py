@@ -13,7 +13,7 @@ from helpers import make_events
 from test_verify import archive
 
 from stream_agg.devstack import free_port
-from stream_agg.store.schema import migrate
+from stream_agg.store.schema import LATEST, migrate
 
 OK_RANGE = ["--start", "2026-03-01T00:00:00Z", "--end", "2026-03-01T06:00:00Z"]
 
@@ -85,6 +85,15 @@ def test_database_without_tables(database_url: str) -> None:
     assert_one_error_line(run("backfill", OK_RANGE, database_url), "run `stream-agg migrate` first")
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT to_regclass('metrics_aggregates')").fetchone()[0] is None
+
+
+@pytest.mark.parametrize("command", ["backfill", "verify", "replay", "reconcile"])
+def test_database_a_newer_stream_agg_migrated(db: str, command: str) -> None:
+    with psycopg.connect(db, autocommit=True) as conn:
+        conn.execute("INSERT INTO stream_agg_schema (version) VALUES (%s)", (LATEST + 1,))
+    args = ["--once"] if command == "reconcile" else OK_RANGE
+    assert_one_error_line(run(command, args, db), f"schema is version {LATEST + 1}, newer than this stream-agg")
+    nothing_written(db)
 
 
 def test_replay_unreachable_broker_and_missing_topic(db: str, broker_bootstrap: str) -> None:

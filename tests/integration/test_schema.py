@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import psycopg
+import pytest
 
-from stream_agg.store.schema import current_version, ddl_sql, migrate
+from stream_agg.store.schema import LATEST, SchemaTooNewError, current_version, ddl_sql, migrate
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,6 +46,21 @@ def test_a_version_2_database_is_upgraded_to_the_same_catalog(database_url: str)
     assert current_version(database_url) == 2
     assert migrate(database_url) == [3]
     assert _catalog(database_url) == want
+
+
+def test_a_database_a_newer_stream_agg_migrated_is_left_alone(database_url: str) -> None:
+    migrate(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO stream_agg_schema (version) VALUES (%s)", (LATEST + 1,))
+    want = _catalog(database_url)
+    with pytest.raises(SchemaTooNewError, match=f"schema is version {LATEST + 1}, newer than this stream-agg "
+                                                f"knows \\(up to {LATEST}\\)"):
+        migrate(database_url)
+    out = subprocess.run([sys.executable, "-m", "stream_agg", "migrate", "--database-url", database_url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    assert out.stderr.startswith(f"error: the database's stream-agg schema is version {LATEST + 1}")
+    assert _catalog(database_url) == want and current_version(database_url) == LATEST + 1
 
 
 def test_cli_migrate_and_plain_sql_agree(database_url: str, pg_server_url: str) -> None:

@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import psycopg
+
 from stream_agg.devstack import free_port
+from stream_agg.store.schema import LATEST, migrate
 
 
 def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -32,6 +35,21 @@ def test_unreachable_database_is_exit_2_without_the_password(broker_bootstrap: s
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot reach PostgreSQL at postgresql://u:***@127.0.0.1:"), out.stderr
     assert "hunter2" not in out.stderr + out.stdout
+
+
+def test_a_database_a_newer_stream_agg_migrated_is_exit_2(broker_bootstrap: str, database_url: str) -> None:
+    migrate(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO stream_agg_schema (version) VALUES (%s)", (LATEST + 1,))
+    out = _run(env={"STREAM_AGG_KAFKA_BOOTSTRAP": broker_bootstrap, "STREAM_AGG_TOPIC": "cli.newer",
+                    "STREAM_AGG_DATABASE_URL": database_url})
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: the database's stream-agg schema is version {LATEST + 1}, newer than this stream-agg knows "
+        f"(up to {LATEST}); it may hold state this version cannot read: run the stream-agg that migrated it, "
+        "or a newer one"), out.stderr
+    with psycopg.connect(database_url) as conn:  # nothing consumed, nothing written
+        assert conn.execute("SELECT count(*) FROM stream_offsets").fetchone()[0] == 0
 
 
 def test_bad_setting_is_exit_2() -> None:
