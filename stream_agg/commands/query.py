@@ -124,6 +124,7 @@ def command(metric: str, dimension: str, value: str | None, granularity: str, si
     from stream_agg.store.db import connect, describe_db_error
     from stream_agg.store.query_sql import DashboardQuery, fetch_rows
     from stream_agg.store.query_sql import explain as explain_plan
+    from stream_agg.store.schema import SchemaTooNewError, refuse_newer, schema_version_of
 
     try:
         config = load_config(database_url=database_url)
@@ -166,6 +167,7 @@ def command(metric: str, dimension: str, value: str | None, granularity: str, si
                            with_digest=needs_digests(granularity, qs, span))
     try:
         with connect(config.database_url) as conn:
+            refuse_newer(schema_version_of(conn))
             if explain:
                 click.echo(explain_plan(conn, query, analyze=True))
                 return
@@ -175,6 +177,8 @@ def command(metric: str, dimension: str, value: str | None, granularity: str, si
     except Exception as exc:  # noqa: BLE001 - one line for the operator
         import psycopg
 
+        if isinstance(exc, SchemaTooNewError):
+            _fail(str(exc))
         if isinstance(exc, psycopg.errors.UndefinedTable):
             _fail("the database has no metrics_aggregates table: run `stream-agg migrate` first")
         _fail(f"cannot query PostgreSQL at {redact_url(config.database_url)}: {describe_db_error(exc)}")

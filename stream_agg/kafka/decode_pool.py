@@ -12,15 +12,16 @@ before), so a batch holding a too-late event takes the in-process path for its D
 If the helper process fails, the worker logs it once and decodes in process from then on:
 nothing is lost, the batch is simply decoded again.
 
-How the messages get there (Linux): written with one `writev` into a memfd, which the
-helper opens through `/proc/<worker pid>/fd/<fd>` and maps, so only their offsets go
+How the messages get there (Linux): written with `writev` (1,024 messages a call) into a
+memfd, which the helper opens through `/proc/<worker pid>/fd/<fd>` and maps, so only their offsets go
 through the pool's pipe. Why: per 400 MB of messages (a million events), the pipe cost the
 worker 0.34 s and the helper 0.60 s of CPU, the memfd 0.15 s and 0.25 s (medians of
 `bench/shared_input.py`). While the worker catches up, both cores are busy and the helper
 is the stage the fold waits for: the catch-up benchmark folded in 4.79-4.89 s against
 5.09-5.33 s through the pipe. A memfd has no name, so a killed worker leaves nothing behind
-in /dev/shm. Where memfds or /proc are not there (another OS, a locked-down /proc), the
-pipe is used.
+in /dev/shm; its pages (the chunks in flight, up to about three of 16 MB) are the worker's
+memory, though not in its RSS. Where memfds or /proc are not there (another OS, a
+locked-down /proc), the pipe is used.
 
 `decode_partition` is the pure function both paths run.
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -145,6 +147,7 @@ class SharedBatch:
 
     pid: int
     fd: int
+    inode: tuple[int, int]  # (st_dev, st_ino) of the memfd: the helper checks it opened this one
     size: int
     layout: list[tuple[int, list[tuple[int, int, int]]]]  # (partition, [(offset, start, end)]); end -1: None
 
@@ -160,6 +163,7 @@ def share_batch(batch: Batch) -> SharedBatch:
             rest = memoryview(b"".join(group))[done:] if done < sum(map(len, group)) else None
             while rest:  # a short write (not seen on a memfd, but allowed): the rest in order
                 rest = rest[os.write(fd, rest):]
+        st = os.fstat(fd)
     except BaseException:
         os.close(fd)
         raise
@@ -174,7 +178,7 @@ def share_batch(batch: Batch) -> SharedBatch:
                 spans.append((offset, pos, pos + len(v)))
                 pos += len(v)
         layout.append((p, spans))
-    return SharedBatch(os.getpid(), fd, pos, layout)
+    return SharedBatch(os.getpid(), fd, (st.st_dev, st.st_ino), pos, layout)
 
 
 def read_shared(shared: SharedBatch) -> Batch | str:
@@ -184,6 +188,11 @@ def read_shared(shared: SharedBatch) -> Batch | str:
     except OSError as exc:
         return f"{type(exc).__name__}: {exc}"
     try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != shared.inode:
+            # The worker closed it and the number now names another file: only a task whose
+            # future is settled already (its pool broke) can get here; read nothing.
+            return f"descriptor {shared.fd} of process {shared.pid} is no longer the chunk's memfd"
         if shared.size == 0:
             return [(p, [(off, None if end < 0 else b"") for off, _, end in spans]) for p, spans in shared.layout]
         with mmap.mmap(fd, shared.size, prot=mmap.PROT_READ) as data:
@@ -220,7 +229,8 @@ class DecodePool:
 
     def __init__(self, registry: Registry, archive: bool, processes: int = 1, shared: bool = SHARED_INPUT) -> None:
         self.archive = archive
-        self.shared = shared  # messages through a memfd (see the module doc); off for good on a failure
+        # messages through a memfd (see the module doc); off for good once a helper cannot read one
+        self.shared = shared and SHARED_INPUT
         ctx = multiprocessing.get_context("spawn")  # the worker has threads: never fork it
         self._pool: concurrent.futures.ProcessPoolExecutor | None = concurrent.futures.ProcessPoolExecutor(
             max_workers=processes, mp_context=ctx, initializer=_init_helper, initargs=(registry,))
@@ -228,15 +238,19 @@ class DecodePool:
         # Start the helpers now, while the worker joins its consumer group: spawning one (a new
         # interpreter importing numpy and the core) took ~0.25 s, which the first chunk of
         # every start waited for (its decoding 0.42 s, against ~0.17 s for the next ones).
-        for _ in range(processes):
-            self._pool.submit(int)
+        try:
+            for _ in range(processes):
+                self._pool.submit(int)
+        except Exception as exc:  # noqa: BLE001 - cannot start one: decode in process, as after a failure
+            self._failed(exc)
 
     @property
     def running(self) -> bool:
         return self._pool is not None
 
     def submit(self, batch: Batch) -> asyncio.Future[list[DecodedPart] | None]:
-        """Start decoding `batch`; the future gives the parts, or None if the helper failed."""
+        """Start decoding `batch`; the future gives the parts, or None (decode in process) if the
+        helper failed or could not read the batch's memfd."""
         loop = asyncio.get_running_loop()
         out: asyncio.Future[list[DecodedPart] | None] = loop.create_future()
         if self._pool is None:
@@ -246,8 +260,9 @@ class DecodePool:
         if self.shared:
             try:
                 shared = share_batch(batch)
-            except OSError as exc:
-                self._unshared(f"{type(exc).__name__}: {exc}")
+            except OSError as exc:  # out of memory or descriptors, maybe for a moment: this batch by pipe
+                log.warning("cannot write a chunk into a memfd (%s: %s); sending it through the helper's pipe",
+                            type(exc).__name__, exc)
         try:
             fut: concurrent.futures.Future[list[DecodedPart] | str] = (
                 self._pool.submit(decode_batch, batch, self.archive) if shared is None
@@ -263,7 +278,10 @@ class DecodePool:
 
         def done(f: concurrent.futures.Future[list[DecodedPart] | str]) -> None:
             if shared is not None:
-                os.close(shared.fd)  # decoded, failed or cancelled: the helper is done with it
+                # Decoded, failed or cancelled: nothing waits for this chunk any more. (A helper
+                # of a broken pool may still open the number later: `read_shared` checks the inode.)
+                with contextlib.suppress(OSError):
+                    os.close(shared.fd)
             result: list[DecodedPart] | None = None
             then: list[tuple[Callable[..., None], Any]] = []
             try:

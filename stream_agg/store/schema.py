@@ -8,8 +8,8 @@ in `stream_agg_schema`, so `migrate` on an up-to-date database is a no-op.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 from sqlalchemy import (
     BigInteger,
     CheckConstraint,
@@ -31,6 +31,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.schema import CreateIndex, CreateTable
+
+if TYPE_CHECKING:
+    import psycopg
 
 metadata = MetaData()
 
@@ -238,9 +241,11 @@ def refuse_newer(version: int) -> None:
             "migrated it, or a newer one")
 
 
-def schema_version_of(conn: psycopg.Connection) -> int:
-    """The version recorded in `stream_agg_schema` (0: none), on a psycopg connection."""
-    row = conn.execute("SELECT to_regclass('stream_agg_schema') IS NOT NULL").fetchone()
+def schema_version_of(conn: psycopg.Connection[Any]) -> int:
+    """The version recorded in `stream_agg_schema`, on a psycopg connection (0: no such table,
+    or a role that may not read it, such as a read-only dashboard role: nothing to refuse on)."""
+    row = conn.execute("SELECT coalesce(has_table_privilege(to_regclass('stream_agg_schema'), 'SELECT'), false)"
+                       ).fetchone()
     if not row or not row[0]:
         return 0
     got = conn.execute("SELECT coalesce(max(version), 0) FROM stream_agg_schema").fetchone()

@@ -8,6 +8,7 @@ import json
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import psycopg
@@ -21,7 +22,7 @@ from stream_agg.config import Config
 from stream_agg.core.aggstate import digest_from_values, digest_to_bytes
 from stream_agg.core.registry import default_registry
 from stream_agg.store.query_sql import INDEX_NAME, DashboardQuery, explain, fetch_rows
-from stream_agg.store.schema import migrate
+from stream_agg.store.schema import LATEST, migrate
 
 H = 3600
 START, END = T0.isoformat(), (T0 + timedelta(days=1)).isoformat()
@@ -252,3 +253,32 @@ def test_missing_tables_and_unreachable_database_exit_2(database_url):
                                               "`stream-agg migrate` first\n")
     out = run_query("postgresql://nobody:secret@127.0.0.1:1/none", "--metric", "trace.duration_ms")
     assert out.exit_code == 2 and "cannot query PostgreSQL" in out.stderr and "secret" not in out.stderr
+
+
+def test_a_database_a_newer_stream_agg_migrated_is_exit_2(database_url: str) -> None:
+    """Its digests may be in a format this version cannot read: refused, like the other commands."""
+    migrate(database_url)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO stream_agg_schema (version) VALUES (%s)", (LATEST + 1,))
+    out = run_query(database_url, "--metric", "trace.duration_ms")
+    assert out.exit_code == 2 and out.stderr.count("\n") == 1
+    assert out.stderr.startswith(f"error: the database's stream-agg schema is version {LATEST + 1}, newer than")
+
+
+def test_a_role_that_cannot_read_the_schema_version_still_queries(database_url: str) -> None:
+    """A read-only dashboard role without SELECT on stream_agg_schema: no version to refuse on."""
+    migrate(database_url)
+    role = "sa_reader_" + database_url.rsplit("/", 1)[1][-8:]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT SELECT ON metrics_aggregates TO {role}")
+    try:
+        parts = urlsplit(database_url)
+        url = urlunsplit(parts._replace(netloc=f"{role}@{parts.hostname}:{parts.port or 5432}"))
+        out = run_query(url, "--metric", "trace.duration_ms", "--format", "json")
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.stdout) == []
+    finally:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute(f"REVOKE ALL ON metrics_aggregates FROM {role}")
+            conn.execute(f"DROP ROLE {role}")

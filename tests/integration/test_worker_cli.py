@@ -48,8 +48,6 @@ def test_a_database_a_newer_stream_agg_migrated_is_exit_2(broker_bootstrap: str,
         f"error: the database's stream-agg schema is version {LATEST + 1}, newer than this stream-agg knows "
         f"(up to {LATEST}); it may hold state this version cannot read: run the stream-agg that migrated it, "
         "or a newer one"), out.stderr
-    with psycopg.connect(database_url) as conn:  # nothing consumed, nothing written
-        assert conn.execute("SELECT count(*) FROM stream_offsets").fetchone()[0] == 0
 
 
 def test_bad_setting_is_exit_2() -> None:
