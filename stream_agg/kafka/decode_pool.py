@@ -19,9 +19,9 @@ worker 0.34 s and the helper 0.60 s of CPU, the memfd 0.15 s and 0.25 s (medians
 `bench/shared_input.py`). While the worker catches up, both cores are busy and the helper
 is the stage the fold waits for: the catch-up benchmark folded in 4.79-4.89 s against
 5.09-5.33 s through the pipe. A memfd has no name, so a killed worker leaves nothing behind
-in /dev/shm; its pages (the chunks in flight, up to about three of 16 MB) are the worker's
-memory, though not in its RSS. Where memfds or /proc are not there (another OS, a
-locked-down /proc), the pipe is used.
+in /dev/shm; its pages are the worker's memory, though not in its RSS, and a second copy of
+the chunk's messages, so at most one chunk per helper waits in a memfd (`DecodePool.send`).
+Where memfds or /proc are not there (another OS, a locked-down /proc), the pipe is used.
 
 `decode_partition` is the pure function both paths run.
 """
@@ -231,6 +231,11 @@ class DecodePool:
         self.archive = archive
         # messages through a memfd (see the module doc); off for good once a helper cannot read one
         self.shared = shared and SHARED_INPUT
+        # Memfds written and not yet decoded, at most one waiting per helper besides the one it
+        # decodes (`send`): a chunk in a memfd is a second copy of its messages (the worker keeps
+        # theirs until folded), where the pipe copied a chunk only as the helper took it. Without
+        # the bound, the queue's chunks sat in memfds too: +70 MB at the archive-on benchmark's peak.
+        self._room = asyncio.Semaphore(processes + 1)
         ctx = multiprocessing.get_context("spawn")  # the worker has threads: never fork it
         self._pool: concurrent.futures.ProcessPoolExecutor | None = concurrent.futures.ProcessPoolExecutor(
             max_workers=processes, mp_context=ctx, initializer=_init_helper, initargs=(registry,))
@@ -248,21 +253,33 @@ class DecodePool:
     def running(self) -> bool:
         return self._pool is not None
 
-    def submit(self, batch: Batch) -> asyncio.Future[list[DecodedPart] | None]:
+    async def send(self, batch: Batch) -> asyncio.Future[list[DecodedPart] | None]:
+        """`submit`, once the chunks written into memfds and not decoded yet leave room (see
+        `_room`): the caller (the agent) waits meanwhile, as it would for the fold's queue."""
+        if not (self.shared and self._pool is not None):
+            return self.submit(batch)
+        await self._room.acquire()
+        return self.submit(batch, room=True)
+
+    def submit(self, batch: Batch, room: bool = False) -> asyncio.Future[list[DecodedPart] | None]:
         """Start decoding `batch`; the future gives the parts, or None (decode in process) if the
-        helper failed or could not read the batch's memfd."""
+        helper failed or could not read the batch's memfd. `room`: a `_room` slot is held for it
+        (`send`), given back once it is decoded or fails."""
         loop = asyncio.get_running_loop()
         out: asyncio.Future[list[DecodedPart] | None] = loop.create_future()
-        if self._pool is None:
-            out.set_result(None)
-            return out
         shared = None
-        if self.shared:
+        if self.shared and self._pool is not None:
             try:
                 shared = share_batch(batch)
             except OSError as exc:  # out of memory or descriptors, maybe for a moment: this batch by pipe
                 log.warning("cannot write a chunk into a memfd (%s: %s); sending it through the helper's pipe",
                             type(exc).__name__, exc)
+        held = room and shared is not None
+        if room and not held:
+            self._room.release()
+        if self._pool is None:
+            out.set_result(None)
+            return out
         try:
             fut: concurrent.futures.Future[list[DecodedPart] | str] = (
                 self._pool.submit(decode_batch, batch, self.archive) if shared is None
@@ -270,6 +287,8 @@ class DecodePool:
         except Exception as exc:  # noqa: BLE001 - a broken pool: decode in process from now on
             if shared is not None:
                 os.close(shared.fd)
+            if held:
+                self._room.release()
             self._failed(exc)
             out.set_result(None)
             return out
@@ -293,6 +312,8 @@ class DecodePool:
                     then.append((self._unshared, got))
                 else:
                     result = got
+            if held:
+                then.append((_release, self._room))
             then.append((partial(_settle, out), result))
             try:
                 for call, arg in then:
@@ -344,6 +365,10 @@ class DecodePool:
             proc.join(wait)
             if proc.is_alive():
                 proc.kill()
+
+
+def _release(room: asyncio.Semaphore) -> None:
+    room.release()
 
 
 def _settle(fut: asyncio.Future[list[DecodedPart] | None], result: list[DecodedPart] | None) -> None:

@@ -494,7 +494,7 @@ class WorkerShell:
                     by_partition: dict[int, list[tuple[int, bytes | None]]] = {}
                     for m in chunk:
                         by_partition.setdefault(m.partition, []).append((m.offset, m.value))
-                    decoding = self.decoder.submit(list(by_partition.items()))
+                    decoding = await self.decoder.send(list(by_partition.items()))
                 await self.batches.put((chunk, decoding))
 
     async def _fold_loop(self) -> None:

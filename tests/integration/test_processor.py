@@ -174,6 +174,38 @@ def test_a_helper_that_cannot_read_the_memfd_gets_the_messages_through_its_pipe(
         in warned[0] and warned[0].endswith("sending them through its pipe from now on")
 
 
+@pytest.mark.skipif(not SHARED_INPUT, reason="memfds are Linux-only")
+def test_chunks_wait_in_memfds_only_one_ahead_of_each_helper() -> None:
+    """`send` writes a chunk into a memfd only while fewer than processes + 1 wait undecoded:
+    with the helper stopped, the third waits (the agent with it), and goes once one is decoded."""
+    msgs = _batches()[0]
+
+    async def run() -> None:
+        pool = DecodePool(default_registry(), archive=False)
+        helpers: list[int] = []
+        try:
+            assert await pool.result(await pool.send(_grouped(msgs))) is not None  # started
+            helpers = list(pool._pool._processes)  # type: ignore[union-attr]
+            for pid in helpers:
+                os.kill(pid, signal.SIGSTOP)
+            first, second = await pool.send(_grouped(msgs)), await pool.send(_grouped(msgs))
+            third = asyncio.ensure_future(pool.send(_grouped(msgs)))
+            await asyncio.sleep(0.3)
+            assert not third.done() and len(open_memfds()) == 2
+            for pid in helpers:
+                os.kill(pid, signal.SIGCONT)
+            for fut in (first, second, await asyncio.wait_for(third, 30)):
+                assert await pool.result(fut) is not None
+            assert not open_memfds() and pool.shared
+        finally:
+            for pid in helpers:
+                if _alive(pid):
+                    os.kill(pid, signal.SIGCONT)
+            pool.close()
+
+    asyncio.run(asyncio.wait_for(run(), timeout=60))
+
+
 def test_the_decode_helper_collects_garbage_less_often() -> None:
     """The helper runs with the worker's GC settings (`gc_tuning`): young collections every
     50,000 allocations, start-up objects frozen. The worker command applies the same."""
