@@ -45,7 +45,14 @@ def command(every: str, lookback: str, once: bool, granularity: str, metrics: tu
     observability_aggregation_last_success with job="reconcile".
     """
     from stream_agg.observability import Metrics
-    from stream_agg.ops.backfill import OpsError, parse_duration, parse_granularity, parse_time, select_registry
+    from stream_agg.ops.backfill import (
+        OpsError,
+        SchemaRefusedError,
+        parse_duration,
+        parse_granularity,
+        parse_time,
+        select_registry,
+    )
     from stream_agg.ops.reconcile import JOB, run_loop, run_once
     from stream_agg.store.db import describe_db_error
 
@@ -94,7 +101,10 @@ def command(every: str, lookback: str, once: bool, granularity: str, metrics: tu
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     log.info("reconcile every %s, lookback %s, granularities %s", every, lookback, ", ".join(grans))
-    run_loop(config.database_url, registry, grans, window, closed_after, period, job_metrics, stop, jobs=jobs)
+    try:
+        run_loop(config.database_url, registry, grans, window, closed_after, period, job_metrics, stop, jobs=jobs)
+    except SchemaRefusedError as exc:
+        fail(str(exc))
     sys.exit(0)
 
 

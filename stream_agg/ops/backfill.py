@@ -70,6 +70,10 @@ class OpsError(ValueError):
     """Bad input or an unusable environment for an operator command (exit code 2)."""
 
 
+class SchemaRefusedError(OpsError):
+    """The database was migrated by a newer stream-agg (`schema.refuse_newer`): nothing to retry."""
+
+
 class Interrupted(Exception):  # noqa: N818 - it is a state the caller reports, not an error
     """The run was stopped (Ctrl-C) after `done` of `total` chunks had committed."""
 
@@ -243,7 +247,7 @@ def require_tables(conn: psycopg.Connection) -> None:
     try:
         refuse_newer(version)
     except SchemaTooNewError as exc:
-        raise OpsError(str(exc)) from exc
+        raise SchemaRefusedError(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------- backfill

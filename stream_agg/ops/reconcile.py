@@ -22,7 +22,15 @@ from dataclasses import dataclass
 from stream_agg.core.buckets import bucket_start, to_datetime
 from stream_agg.core.registry import Registry
 from stream_agg.observability import Metrics
-from stream_agg.ops.backfill import BackfillSummary, iso, make_plan, run_backfill
+from stream_agg.ops.backfill import (
+    BackfillSummary,
+    SchemaRefusedError,
+    iso,
+    make_plan,
+    require_tables,
+    run_backfill,
+)
+from stream_agg.store.db import connect
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,8 @@ def run_once(url: str, registry: Registry, granularities: Sequence[str], lookbac
     """One reconcile run; records job health in `metrics` when it succeeds."""
     now = time.time() if now is None else now
     started = time.perf_counter()
+    with connect(url) as conn:  # a loop outlives deploys: a newer stream-agg may have migrated meanwhile
+        require_tables(conn)
     summaries = []
     for w in closed_windows(now, lookback, grace, granularities):
         plan = make_plan(registry, (w.granularity,), to_datetime(w.start), to_datetime(w.end), jobs=jobs)
@@ -93,6 +103,8 @@ def run_loop(url: str, registry: Registry, granularities: Sequence[str], lookbac
         try:
             report = run_once(url, registry, granularities, lookback, grace, metrics, jobs=jobs)
             log.info("%s", report.describe())
+        except SchemaRefusedError:
+            raise  # not a failed run: this version must not write there any more
         except Exception as exc:  # noqa: BLE001 - the loop outlives a failed run
             from stream_agg.store.db import describe_db_error
 

@@ -22,7 +22,7 @@ from test_verify import archive
 from stream_agg.core.buckets import GRANULARITIES
 from stream_agg.devstack import free_port
 from stream_agg.ops.reconcile import closed_windows
-from stream_agg.store.schema import migrate
+from stream_agg.store.schema import LATEST, migrate
 
 NOW = datetime(2026, 3, 2, 0, 5, 30, tzinfo=UTC)  # Monday 00:05:30: an hour, a day and a week just closed
 
@@ -152,3 +152,31 @@ def test_loop_runs_on_schedule_serves_metrics_and_stops_on_sigterm(database_url:
     assert proc.returncode == 0, err[-2000:]
     assert err.count("reconcile at ") >= 3  # one log line per run
     assert stored_buckets(database_url) == {("day", today - timedelta(days=2)), ("day", today - timedelta(days=1))}
+
+
+def test_the_loop_stops_once_a_newer_stream_agg_migrated_the_database(database_url: str) -> None:
+    """A reconcile loop outlives deploys: after a newer version migrates, its next run refuses
+    (one error line, exit 2) instead of writing rows in a format the newer one may not read."""
+    migrate(database_url)
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    archive(database_url, make_events(50, seed=43, hours=20, start=today - timedelta(days=2)))
+    proc = subprocess.Popen([sys.executable, "-m", "stream_agg", "reconcile", "--every", "1s", "--lookback", "4d",
+                             "--granularity", "day", "--metrics-port", "0"],
+                            env={**os.environ, "STREAM_AGG_DATABASE_URL": database_url}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not stored_buckets(database_url) and time.monotonic() < deadline:  # a first run wrote its rows
+            assert proc.poll() is None
+            time.sleep(0.2)
+        assert stored_buckets(database_url)
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO stream_agg_schema (version) VALUES (%s)", (LATEST + 1,))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 2, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith(
+        f"error: the database's stream-agg schema is version {LATEST + 1}, newer than this stream-agg"), err[-2000:]
