@@ -36,6 +36,7 @@ from stream_agg.kafka.decode_pool import DecodedPart, decode_partition
 from stream_agg.observability import Metrics
 from stream_agg.store import archive_copy
 from stream_agg.store.retention import PruneReport
+from stream_agg.store.schema import refuse_newer
 from stream_agg.store.stream_state import BlobFeed, FlushPayload, FlushReport, PartitionFlush, RowFeed, StreamStore
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,9 @@ class Processor:
         new = sorted(p for p in partitions if p not in self.contexts)
         if not new:
             return
+        # A worker outlives deploys: if a newer stream-agg migrated the database since this one
+        # started, its partials may be in a format this one cannot read. Refuse to take them.
+        refuse_newer(self.reader.schema_version())
         stored = self.reader.load_offsets(self.stream_id, new)
         self.set_floor(self.reader.load_floor(self.stream_id))
         for p in new:

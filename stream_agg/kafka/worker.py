@@ -35,6 +35,7 @@ from stream_agg.kafka.decode_pool import DecodedPart, DecodePool, merge_batches
 from stream_agg.kafka.processor import Message, Outcome, PoisonedError, Processor, Snapshot
 from stream_agg.observability import Metrics
 from stream_agg.store.db import describe_db_error
+from stream_agg.store.schema import SchemaTooNewError
 from stream_agg.store.stream_state import BlobFeed, FencedError, StreamStore
 
 log = logging.getLogger(__name__)
@@ -448,6 +449,10 @@ class WorkerShell:
             try:
                 await self._run(self.processor.assign, parts, self.app.consumer_generation_id)
                 self.metrics.db_up.set(1)
+                return
+            except SchemaTooNewError as exc:  # nothing to retry: this version must stop
+                log.error("not taking partitions=%s: %s; stopping this worker", sorted(parts), exc)
+                await self.app.crash(exc)
                 return
             except Exception as exc:  # noqa: BLE001 - keep trying until PostgreSQL is back
                 self.metrics.db_up.set(0)

@@ -56,6 +56,7 @@ from stream_agg.core.watermark import WatermarkPolicy
 from stream_agg.store import retention, rows_copy
 from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
 from stream_agg.store.db import connect
+from stream_agg.store.schema import schema_version_of
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -290,6 +291,15 @@ class StreamStore:
         self._conn = None
 
     # ----------------------------------------------------------------- reads
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database (`schema.schema_version_of`)."""
+        try:
+            with self.conn().transaction():
+                return schema_version_of(self.conn())
+        except psycopg.Error:
+            self._reset()
+            raise
 
     def load_offsets(self, stream: str, partitions: Iterable[int]) -> dict[int, tuple[int, float | None]]:
         """partition -> (next offset, max event time) for partitions that have a row."""

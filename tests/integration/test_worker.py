@@ -27,6 +27,7 @@ from worker_support import (
 from stream_agg.config import Config
 from stream_agg.core.registry import default_registry
 from stream_agg.events import TraceEvent, encode_event
+from stream_agg.store.schema import LATEST
 from stream_agg.synthetic import generate_events
 
 START = datetime(2026, 2, 2, tzinfo=UTC)  # a Monday
@@ -188,6 +189,32 @@ def test_backlog_folded_in_joined_chunks_across_a_kill(cfg: Config, tmp_path: Pa
     assert joined >= 5, "the backlog was never folded in joined chunks"
     events = decode_all([encode_event(e) for e in payloads])
     assert_rows_match_events(fetch_rows(cfg.database_url), events, default_registry(cfg.cardinality_caps))
+
+
+def test_a_running_worker_stops_rather_than_take_partitions_after_a_newer_migration(
+        cfg: Config, tmp_path: Path) -> None:
+    """A rolling deploy: a second worker joins after a newer stream-agg migrated the database
+    (here: the version bumped while it starts). At the rebalance, neither takes partitions
+    whose state it may not read: both stop, with the reason in the log."""
+    produce(cfg, generate_events(500, seed=23, start=START, hours=2, users=20), batch=100)
+    a = WorkerProcess(cfg, tmp_path / "a.log", STREAM_AGG_FLUSH_INTERVAL="1h").start()
+    b = None
+    try:
+        a.wait_for_log("positioned partitions")
+        b = WorkerProcess(cfg, tmp_path / "b.log", STREAM_AGG_FLUSH_INTERVAL="1h").start()
+        b.wait_for_log("BoundedBufferConsumer]: Starting")  # migrated; about to join the group
+        with psycopg.connect(cfg.database_url, autocommit=True) as conn:
+            conn.execute("INSERT INTO stream_agg_schema (version) VALUES (%s)", (LATEST + 1,))
+        for w in (a, b):
+            assert w.proc is not None
+            code = w.proc.wait(timeout=90)
+            assert code != 0, w.log_text()[-2000:]
+            assert "stopping this worker" in w.log_text() and (
+                f"schema is version {LATEST + 1}, newer than this stream-agg knows") in w.log_text()
+    finally:
+        a.kill()
+        if b is not None:
+            b.kill()
 
 
 def test_two_workers_one_stopped_mid_stream(cfg: Config, tmp_path: Path) -> None:
