@@ -76,11 +76,12 @@ def open_database(config: Config) -> None:
     """Reach PostgreSQL and check the schema, or exit 2 with one line."""
     from stream_agg.ops.backfill import OpsError, require_tables
     from stream_agg.store.db import connect, describe_db_error
+    from stream_agg.store.schema import SchemaTooNewError
 
     try:
         with connect(config.database_url) as conn:
             require_tables(conn)
-    except OpsError as exc:
+    except (OpsError, SchemaTooNewError) as exc:
         fail(str(exc))
     except Exception as exc:  # noqa: BLE001 - any driver error is one line for the operator
         fail(f"cannot reach PostgreSQL at {redact_url(config.database_url)}: {describe_db_error(exc)}")

@@ -45,16 +45,10 @@ def command(every: str, lookback: str, once: bool, granularity: str, metrics: tu
     observability_aggregation_last_success with job="reconcile".
     """
     from stream_agg.observability import Metrics
-    from stream_agg.ops.backfill import (
-        OpsError,
-        SchemaRefusedError,
-        parse_duration,
-        parse_granularity,
-        parse_time,
-        select_registry,
-    )
+    from stream_agg.ops.backfill import OpsError, parse_duration, parse_granularity, parse_time, select_registry
     from stream_agg.ops.reconcile import JOB, run_loop, run_once
     from stream_agg.store.db import describe_db_error
+    from stream_agg.store.schema import SchemaTooNewError
 
     try:
         config = load_config(database_url=database_url)
@@ -103,7 +97,7 @@ def command(every: str, lookback: str, once: bool, granularity: str, metrics: tu
     log.info("reconcile every %s, lookback %s, granularities %s", every, lookback, ", ".join(grans))
     try:
         run_loop(config.database_url, registry, grans, window, closed_after, period, job_metrics, stop, jobs=jobs)
-    except SchemaRefusedError as exc:
+    except SchemaTooNewError as exc:
         fail(str(exc))
     sys.exit(0)
 

@@ -47,7 +47,7 @@ from stream_agg.core.buckets import DAY, GRANULARITIES, SPAN, bucket_start, to_d
 from stream_agg.core.registry import Registry, default_registry
 from stream_agg.store import backfill_sql as q
 from stream_agg.store.db import connect
-from stream_agg.store.schema import SchemaTooNewError, refuse_newer, schema_version_of
+from stream_agg.store.schema import refuse_newer, schema_version_of
 from stream_agg.store.stream_state import UPSERT_ROWS_SQL
 
 log = logging.getLogger(__name__)
@@ -68,10 +68,6 @@ Key = tuple[str, int, str, str, str]  # (granularity, bucket start, metric, dime
 
 class OpsError(ValueError):
     """Bad input or an unusable environment for an operator command (exit code 2)."""
-
-
-class SchemaRefusedError(OpsError):
-    """The database was migrated by a newer stream-agg (`schema.refuse_newer`): nothing to retry."""
 
 
 class Interrupted(Exception):  # noqa: N818 - it is a state the caller reports, not an error
@@ -235,7 +231,7 @@ def chunk_transaction(conn: psycopg.Connection, read_only: bool = False) -> Iter
 
 def require_tables(conn: psycopg.Connection) -> None:
     """The schema must exist (operators run `stream-agg migrate`; we never create it here),
-    and not be newer than this stream-agg (`schema.refuse_newer`)."""
+    and not be newer than this stream-agg (`schema.refuse_newer` raises SchemaTooNewError)."""
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('metrics_aggregates') IS NOT NULL AND to_regclass('traces') "
                     "IS NOT NULL AND to_regclass('spans') IS NOT NULL")
@@ -244,10 +240,7 @@ def require_tables(conn: psycopg.Connection) -> None:
     conn.rollback()
     if not row or not row[0]:
         raise OpsError("the database has no stream-agg tables: run `stream-agg migrate` first")
-    try:
-        refuse_newer(version)
-    except SchemaTooNewError as exc:
-        raise SchemaRefusedError(str(exc)) from exc
+    refuse_newer(version)
 
 
 # ----------------------------------------------------------------------------- backfill

@@ -22,15 +22,9 @@ from dataclasses import dataclass
 from stream_agg.core.buckets import bucket_start, to_datetime
 from stream_agg.core.registry import Registry
 from stream_agg.observability import Metrics
-from stream_agg.ops.backfill import (
-    BackfillSummary,
-    SchemaRefusedError,
-    iso,
-    make_plan,
-    require_tables,
-    run_backfill,
-)
+from stream_agg.ops.backfill import BackfillSummary, iso, make_plan, require_tables, run_backfill
 from stream_agg.store.db import connect
+from stream_agg.store.schema import SchemaTooNewError
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +97,7 @@ def run_loop(url: str, registry: Registry, granularities: Sequence[str], lookbac
         try:
             report = run_once(url, registry, granularities, lookback, grace, metrics, jobs=jobs)
             log.info("%s", report.describe())
-        except SchemaRefusedError:
+        except SchemaTooNewError:
             raise  # not a failed run: this version must not write there any more
         except Exception as exc:  # noqa: BLE001 - the loop outlives a failed run
             from stream_agg.store.db import describe_db_error
