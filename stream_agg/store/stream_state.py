@@ -57,6 +57,7 @@ from stream_agg.store import retention, rows_copy
 from stream_agg.store.archive_copy import SPAN_COLUMNS, TRACE_COLUMNS
 from stream_agg.store.db import connect
 from stream_agg.store.schema import schema_version_of
+from stream_agg.store.table_stats import StatsRefresher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -265,6 +266,7 @@ class StreamStore:
         self.url = url
         self._conn: psycopg.Connection | None = None
         self._compressor: ThreadPoolExecutor | None = None
+        self.stats = StatsRefresher(url)  # ANALYZE after bulk writes (store/table_stats.py)
 
     # ----------------------------------------------------------------- connection
 
@@ -280,6 +282,7 @@ class StreamStore:
         if self._compressor is not None:
             self._compressor.shutdown(wait=True)
             self._compressor = None
+        self.stats.close()
 
     def _reset(self) -> None:
         """Forget a connection that failed mid-transaction."""
@@ -417,6 +420,7 @@ class StreamStore:
                     partials += self.write_deltas(cur, payload.stream, deltas)
                     lap("partials")
                 lap("commit")
+                self.stats.wrote(rows)
             finally:
                 wait([compressing])  # never leave a thread rewriting a payload the caller may retry
             return FlushReport(partials, rows, deleted, traces, spans, phases, floor)

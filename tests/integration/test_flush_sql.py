@@ -18,6 +18,7 @@ from stream_agg.store.stream_state import (
     lock_buckets,
     past_cuts_params,
 )
+from stream_agg.store.table_stats import StatsRefresher
 
 HOUR = 3600
 
@@ -70,19 +71,44 @@ def _plan(cur: psycopg.Cursor, statement: str, params: tuple) -> str:
     return "\n".join(r[0] for r in cur.fetchall())
 
 
-@pytest.fixture
-def stale_table(database_url: str) -> str:
-    """metrics_aggregates analyzed while empty, then given 60,000 rows: stale statistics,
-    as right after a flush COPYed a backlog's rows into a new table."""
-    migrate(database_url)
-    with psycopg.connect(database_url, autocommit=True) as conn:
+def _fill(url: str, analyse_first: bool) -> None:
+    migrate(url)
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("ALTER TABLE metrics_aggregates SET (autovacuum_enabled = false)")  # stays stale
-        conn.execute("ANALYZE metrics_aggregates")
+        if analyse_first:
+            conn.execute("ANALYZE metrics_aggregates")
         conn.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
                      "dimension_value, count, sum_value, source) SELECT to_timestamp(3600 * (i / 1000)), 'hour', "
                      "'trace.duration_ms', 'user', 'u' || (i % 1000), 1, 1, "
                      "CASE WHEN i % 7 = 0 THEN 'backfill' ELSE 'stream' END FROM generate_series(0, 59999) i")
+
+
+@pytest.fixture
+def stale_table(database_url: str) -> str:
+    """metrics_aggregates analyzed while empty, then given 60,000 rows: stale statistics,
+    as right after a flush COPYed a backlog's rows into a new table."""
+    _fill(database_url, analyse_first=True)
     return database_url
+
+
+def test_cut_deletes_use_the_bucket_key_once_the_refresher_analysed(database_url: str) -> None:
+    """Never analysed (a backlog's first flushes, autovacuum off or not yet run): the planner
+    takes the dashboard index for the cut deletes, whose scope (bucket, granularity, metric,
+    dimension) is spread over every hour of it; after `StatsRefresher`, the bucket key."""
+    _fill(database_url, analyse_first=False)
+    scopes = [(("hour", HOUR * h, "trace.duration_ms", "user"), (1 << 59, "u1")) for h in range(40)]
+    with psycopg.connect(database_url) as conn, conn.cursor() as cur:
+        with index_plans(cur):
+            assert "Index Scan using metrics_aggregates_dashboard_idx" in _plan(
+                cur, DELETE_PAST_CUTS_SQL, past_cuts_params(scopes))
+        conn.rollback()
+        stats = StatsRefresher(database_url)
+        stats.wrote(60000)
+        stats.wait(60)
+        assert stats.runs == 1
+        with index_plans(cur):
+            plan = _plan(cur, DELETE_PAST_CUTS_SQL, past_cuts_params(scopes))
+        assert "Index Scan using metrics_aggregates_bucket_key" in plan, plan
 
 
 def test_key_list_deletes_use_the_index_with_stale_statistics(stale_table: str) -> None:

@@ -261,6 +261,28 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def test_a_flush_lets_the_refresher_analyse_what_it_wrote(database_url: str) -> None:
+    """The rows a flush commits count towards `StatsRefresher`'s ANALYZE (store/table_stats.py)."""
+    migrate(database_url)
+    proc = _processor(database_url, "s:stats")
+    try:
+        proc.store.stats.min_rows = 1
+        for msgs in _batches():
+            proc.process(msgs)
+        report, _ = proc.flush()
+        assert report is not None and report.rows > 1
+        proc.store.stats.wait(30)
+        assert proc.store.stats.runs == 1
+        with psycopg.connect(database_url) as conn:
+            stored = conn.execute("SELECT count(*) FROM metrics_aggregates").fetchone()[0]
+            believed = conn.execute("SELECT reltuples FROM pg_class WHERE oid = 'metrics_aggregates'::regclass"
+                                    ).fetchone()[0]
+        assert stored == report.rows == believed
+    finally:
+        proc.reader.close()
+        proc.store.close()
+
+
 def test_messages_fetched_before_an_assignment_are_dropped_not_folded(database_url: str) -> None:
     migrate(database_url)
     proc = _processor(database_url, "s:gen")
