@@ -185,6 +185,60 @@ def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(dat
     }
 
 
+def _seed_buckets(database_url: str, hours: list[int]) -> None:
+    """A stream row of user a in each of these hours: buckets that are not new."""
+    with psycopg.connect(database_url) as conn:
+        for h in hours:
+            conn.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                         "dimension_value, count, sum_value, source) "
+                         "VALUES (%s, 'hour', 'trace.duration_ms', 'user', 'a', 1, 1, 'stream')",
+                         (to_datetime(h * HOUR),))
+
+
+def test_a_backfill_row_in_a_new_bucket_after_the_staged_rows_goes_through_the_upsert(database_url: str) -> None:
+    """Most buckets have rows: the staged rows are COPYed first, the new bucket's after. A
+    backfill row committed meanwhile in that bucket fails its COPY (in a savepoint), and those
+    rows are staged and upserted too: the backfill's row kept, the staged rows still written."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    olds, hour = [480_050, 480_051, 480_052], 480_053
+    _seed_buckets(database_url, olds)
+    block = _blocks([*olds, hour, hour], ["a", "a", "a", "a", "b"], base=40)
+    backfill = psycopg.connect(database_url)
+    backfill.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
+                     "dimension_value, count, sum_value, source) "
+                     "VALUES (%s, 'hour', 'trace.duration_ms', 'user', 'b', 5, 5, 'backfill')",
+                     (to_datetime(hour * HOUR),))  # not committed yet: the flush's check does not see it
+    result: list[Any] = []
+
+    def flush() -> None:
+        try:
+            with store.conn().transaction(), store.conn().cursor() as cur:
+                result.append(store.merge_rows(cur, "s", set(), blocks=[block]))
+                result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result.append(exc)
+
+    writer = threading.Thread(target=flush)
+    writer.start()
+    with psycopg.connect(database_url, autocommit=True) as watch:
+        deadline = time.monotonic() + 30
+        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            assert time.monotonic() < deadline, "the flush never waited on the backfill's row"
+            time.sleep(0.02)
+    backfill.commit()  # the COPY, blocked on the unique index, now fails
+    backfill.close()
+    writer.join(30)
+    store.close()
+    assert result == [(5, 0), (5,)]  # the three staged first, then the new bucket's two
+    key = ("trace.duration_ms", "user")
+    assert _table(database_url) == {
+        **{("hour", h * HOUR, *key, "a"): (40 + i, 40.0 + i, 0.0, 40.0, "stream") for i, h in enumerate(olds)},
+        ("hour", hour * HOUR, *key, "a"): (43, 43.0, 0.0, 40.0, "stream"),
+        ("hour", hour * HOUR, *key, "b"): (5, 5.0, None, None, "backfill"),
+    }
+
+
 def test_a_flush_split_between_new_and_existing_buckets_writes_every_column(database_url: str) -> None:
     """Real merged blocks (hour, day and week; percentiles and digests): rows of buckets that
     already have a row are upserted, the others copied, a block split between both; every
@@ -307,6 +361,65 @@ def test_rows_fed_while_merging_are_copied_as_they_come(database_url: str) -> No
     assert {k: v for k, v in got.items() if k[1] != many * HOUR} == _after_old_and_new(old, new)
     assert {k[4]: v for k, v in got.items() if k[1] == many * HOUR} == {
         f"user-{i}": (100 + i, 100.0 + i, 0.0, 100.0, "stream") for i in range(3000)}
+
+
+def _copied_into(watch: psycopg.Connection, pid: int, table: str) -> int | None:
+    """Rows the backend's running COPY into `table` has taken so far, or None (by the
+    statement: a staging table made in the flush's transaction is not in others' catalog)."""
+    row = watch.execute("SELECT p.tuples_processed FROM pg_stat_progress_copy p JOIN pg_stat_activity a "
+                        "ON a.pid = p.pid WHERE p.pid = %s AND a.query LIKE %s", (pid, f"COPY {table} %")).fetchone()
+    return None if row is None else int(row[0])
+
+
+def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str) -> None:
+    """Most buckets have rows (a later flush, live traffic): PostgreSQL is taking the staged
+    rows while the feed still merges, and the new bucket's rows go in after, by plain COPY."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    olds, new = [480_060, 480_061, 480_062], 480_063
+    _seed_buckets(database_url, olds)
+    pid = store.conn().info.backend_pid
+    # a first block bigger than psycopg's COPY buffer (32 KB), as a flush's blocks are
+    first = _blocks([olds[0]] * 3000, [f"user-{i}" for i in range(3000)], base=100)
+    feed = RowFeed()
+    result: list[Any] = []
+
+    def flush() -> None:
+        try:
+            with store.conn().transaction(), store.conn().cursor() as cur:
+                result.append(store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={
+                    ("hour", h * HOUR) for h in [*olds, new]}))
+                result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result.append(exc)
+
+    writer = threading.Thread(target=flush)
+    writer.start()
+    try:
+        feed.put(first)
+        with psycopg.connect(database_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while not _copied_into(watch, pid, "tmp_rows") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            staged_early = _copied_into(watch, pid, "tmp_rows")
+        waiting = writer.is_alive() and not result
+        feed.put(_blocks([olds[1], olds[2], new, new], ["a", "a", "a", "b"], base=10))
+    finally:
+        feed.close()
+        writer.join(30)
+    store.close()
+    assert staged_early and waiting  # staged rows were in before the feed ended
+    assert result == [(3004, 0), (3002,)]  # the new bucket's two rows were not staged
+    got = _table(database_url)
+    key = ("trace.duration_ms", "user")
+    assert {k: v for k, v in got.items() if k[1] != olds[0] * HOUR} == {
+        ("hour", olds[1] * HOUR, *key, "a"): (10, 10.0, 0.0, 10.0, "stream"),
+        ("hour", olds[2] * HOUR, *key, "a"): (11, 11.0, 0.0, 10.0, "stream"),
+        ("hour", new * HOUR, *key, "a"): (12, 12.0, 0.0, 10.0, "stream"),
+        ("hour", new * HOUR, *key, "b"): (13, 13.0, 0.0, 10.0, "stream")}
+    assert {k[4]: v for k, v in got.items() if k[1] == olds[0] * HOUR} == {
+        **{f"user-{i}": (100 + i, 100.0 + i, 0.0, 100.0, "stream") for i in range(3000)},
+        "a": (1, 1.0, None, None, "stream")}  # its seeded row, not among the rows written
 
 
 def test_a_merge_that_fails_fails_the_write_and_nothing_is_committed(database_url: str) -> None:
