@@ -249,7 +249,7 @@ def write_replay(conn: psycopg.Connection, url: str, stream: str, plan: ReplayPl
         partials = store.write_partials(cur, stream, rows_out, fenced=False)
         cur.execute(q.STREAM_ROW_KEYS_SQL, {"grans": grans, "times": times, "metrics": metrics})
         keys |= {(g, int(t.timestamp()), m, d, v) for g, t, m, d, v in cur.fetchall()}
-        rows, deleted = store.merge_rows(cur, stream, keys, caps=plan.registry.caps)
+        rows, deleted, _ = store.merge_rows(cur, stream, keys, caps=plan.registry.caps)
     return partials, rows, deleted
 
 

@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import chain
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -192,10 +193,11 @@ class BlobFeed(Feed[tuple[PartitionFlush, int]]):
 
 class RowFeed(Feed[RowBlock]):
     """Merged row blocks (one per table) handed from the processing thread to the writer as
-    each is merged: the writer COPYs the rows of buckets without any row yet (most of a
-    backlog's) while the next blocks are merged, instead of waiting for the whole merge
-    (~1 s for the last flush of a backlog, with nothing else left to do). The rows to
-    upsert wait for the last block."""
+    each is merged: the writer COPYs rows while the next blocks are merged, instead of
+    waiting for the whole merge (~1 s for the last flush of a backlog, with nothing else
+    left to do). Which rows: those of buckets without any row yet (most of a backlog's
+    first flush) straight into the table, or, when most buckets have rows, those to
+    upsert into the staging table; the other kind waits for the last block (`_write_rows`)."""
 
     def __init__(self) -> None:
         super().__init__("merging the rows")
@@ -404,9 +406,9 @@ class StreamStore:
                             "are too late (a restart reads the floor and sends them to the DLQ)")
                     traces, spans = self._archive(cur, payload)
                     lap("archive")
-                    rows, deleted = self.merge_rows(cur, payload.stream, payload.changed_keys, payload.memory,
-                                                     payload.resident, payload.blocks, payload.gone,
-                                                     payload.caps, payload.cuts, payload.complete)
+                    rows, deleted, new_rows = self.merge_rows(
+                        cur, payload.stream, payload.changed_keys, payload.memory, payload.resident, payload.blocks,
+                        payload.gone, payload.caps, payload.cuts, payload.complete)
                     lap("rows")
                     compressing.result()
                     lap("compress")  # what is left of it once PostgreSQL is done
@@ -420,7 +422,10 @@ class StreamStore:
                     partials += self.write_deltas(cur, payload.stream, deltas)
                     lap("partials")
                 lap("commit")
-                self.stats.wrote(rows)
+                try:
+                    self.stats.wrote(new_rows)
+                except Exception:  # noqa: BLE001 - only statistics: never fail a committed flush
+                    log.exception("could not start refreshing metrics_aggregates' statistics")
             finally:
                 wait([compressing])  # never leave a thread rewriting a payload the caller may retry
             return FlushReport(partials, rows, deleted, traces, spans, phases, floor)
@@ -518,7 +523,7 @@ class StreamStore:
                    resident: list[tuple[str, int, int]] | None = None,
                    blocks: Sequence[RowBlock] | RowFeed = (), gone: Sequence[Key] = (),
                    caps: Mapping[str, int] | None = None, cuts: dict[Scope, Cut] | None = None,
-                   block_buckets: Collection[BucketId] = ()) -> tuple[int, int]:
+                   block_buckets: Collection[BucketId] = ()) -> tuple[int, int, int]:
         """Recompute the metrics_aggregates rows of `keys` from every partition's partial, and
         write them with the rows the caller merged already (`blocks`; `gone`: rows to delete).
 
@@ -532,6 +537,8 @@ class StreamStore:
         `blocks` may be a `RowFeed` the caller is still filling (and `cuts` with it): its
         blocks are COPYed as they come, and `block_buckets` must then name every bucket
         they may hold (the locks are taken first). `cuts` is read once the feed has ended.
+
+        Returns (rows written, rows deleted, rows COPYed into buckets that had none).
         """
         caps = caps or {}
         capped = {k[:4] for k in keys if k[3] in caps}
@@ -543,7 +550,7 @@ class StreamStore:
         if not buckets:
             for block in blocks:  # an empty feed still ends (a block here has no lock: an error)
                 _check_locked(block, set())
-            return 0, 0
+            return 0, 0, 0
         lock_buckets(cur, buckets)
         held = {(g, b, p) for g, b, p in (resident or [])}
         found: dict[Key, list[tuple[int, AggState]]] = defaultdict(list)
@@ -587,7 +594,7 @@ class StreamStore:
                 deleted += _delete_keys(cur, gone) if gone else 0
         _save_cuts(cur, {s: c for s, c in cuts.items() if stored.get(s) != c},
                    sorted(s for s in written if s in stored and s not in cuts))
-        return rows, deleted
+        return rows, deleted, rows - staged
 
 
 def _check_locked(block: RowBlock, locked: set[BucketId]) -> None:
@@ -774,7 +781,12 @@ def _copy_new(cur: psycopg.Cursor, blocks: Iterable[RowBlock], hours: dict[str, 
 
 
 def _stage(cur: psycopg.Cursor, blocks: Iterable[RowBlock]) -> int:
-    """COPY rows into the staging table `tmp_rows` (made on first use); returns how many."""
+    """COPY rows into the staging table `tmp_rows` (made on first use); returns how many.
+    No statement at all if no block comes (a flush whose rows all went in by plain COPY)."""
+    it = iter(blocks)
+    head = next(it, None)  # waits for the first block (or the end of the feed)
+    if head is None:
+        return 0
     # just the copied columns: no id / updated_at defaults evaluated per staged row
     cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS tmp_rows ON COMMIT DELETE ROWS AS SELECT "
                 f"{', '.join(rows_copy.COLUMNS)} FROM metrics_aggregates WITH NO DATA")
@@ -782,7 +794,7 @@ def _stage(cur: psycopg.Cursor, blocks: Iterable[RowBlock]) -> int:
 
     def counted() -> Iterator[RowBlock]:
         nonlocal n
-        for block in blocks:
+        for block in chain((head,), it):
             n += len(block)
             yield block
 

@@ -24,6 +24,7 @@ import threading
 import time
 
 import psycopg
+from psycopg import sql
 
 from stream_agg.store.db import connect
 
@@ -41,7 +42,7 @@ class StatsRefresher:
         self.url = url
         self.table = table
         self.min_rows = min_rows
-        self.written = 0  # rows written since the last ANALYZE this process ran (or the last check)
+        self.written = 0  # rows counted since the last ANALYZE this process ran
         self.believed = 0.0  # the table's row count as the planner saw it at the last check
         self.runs = 0  # ANALYZEs run
         self.disabled = False
@@ -55,7 +56,7 @@ class StatsRefresher:
         what the planner believed the table held at the last check."""
         with self._lock:
             self.written += rows
-            if self.disabled or self.busy() or self.written <= max(self.min_rows, self.believed):
+            if self.disabled or self._closing or self.busy() or self.written <= max(self.min_rows, self.believed):
                 return
             written, self.written = self.written, 0
             self._thread = threading.Thread(target=self._refresh, args=(written,), name="stream-agg-analyze",
@@ -72,16 +73,21 @@ class StatsRefresher:
             thread.join(timeout)
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop: cancel a running ANALYZE rather than hold up a shutdown (it is only statistics)."""
+        """Stop: cancel a running ANALYZE rather than hold up a shutdown (it is only statistics).
+
+        The cancel is sent again until the thread ends: one sent while the thread is still
+        connecting, or between its statements, would reach an idle session and be lost."""
         with self._lock:
             self._closing = True
-            if self._conn is not None:
-                try:
-                    self._conn.cancel()
-                except psycopg.Error:
-                    pass
-        self.wait(timeout)
-        self._closing = False
+        deadline = time.monotonic() + timeout
+        while self.busy() and time.monotonic() < deadline:
+            with self._lock:
+                conn = self._conn
+            if conn is not None:
+                _cancel(conn)
+            self.wait(0.1)
+        if not self.busy():
+            self._closing = False  # usable again (a store may reconnect after `close`)
 
     def _refresh(self, written: int) -> None:
         try:
@@ -93,6 +99,9 @@ class StatsRefresher:
                 self.written += written
             return
         with self._lock:
+            if self._closing:
+                conn.close()
+                return
             self._conn = conn
         warnings: list[str] = []
         conn.add_notice_handler(lambda d: warnings.append(d.message_primary or "")
@@ -104,8 +113,10 @@ class StatsRefresher:
                     self.written += written
                     self.believed = believed
                 return
+            if self._closing:
+                return
             started = time.perf_counter()
-            conn.execute(f"ANALYZE {self.table}")
+            conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(self.table)))
             seconds = time.perf_counter() - started
             if warnings:
                 with self._lock:
@@ -130,3 +141,15 @@ class StatsRefresher:
     def _believed(self, conn: psycopg.Connection) -> float:
         row = conn.execute("SELECT reltuples FROM pg_class WHERE oid = %s::regclass", (self.table,)).fetchone()
         return float(row[0]) if row is not None else 0.0
+
+
+def _cancel(conn: psycopg.Connection) -> None:
+    """Cancel the connection's running statement, if any (never raises)."""
+    try:
+        safe = getattr(conn, "cancel_safe", None)  # psycopg 3.2+: does not block on a dead server
+        if safe is not None:
+            safe(timeout=1.0)
+        else:
+            conn.cancel()
+    except (psycopg.Error, OSError):
+        pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -139,7 +140,7 @@ def test_rows_of_new_buckets_are_copied_and_the_others_upserted(database_url: st
     _seed_old_bucket(database_url, old)
     block = _old_and_new(old, new)
     with store.conn().transaction(), store.conn().cursor() as cur:
-        rows, _ = store.merge_rows(cur, "s", set(), blocks=[block])
+        rows, _, _ = store.merge_rows(cur, "s", set(), blocks=[block])
         staged = cur.execute("SELECT count(*) FROM tmp_rows").fetchone()  # emptied at commit
     store.close()
     assert rows == 5 and staged == (3,)  # the old bucket's rows; the new one's were copied
@@ -178,7 +179,7 @@ def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(dat
     backfill.close()
     writer.join(30)
     store.close()
-    assert result == [(2, 0)]
+    assert result == [(2, 0, 0)]
     assert _table(database_url) == {
         ("hour", hour * HOUR, "trace.duration_ms", "user", "a"): (20, 20.0, 0.0, 20.0, "stream"),
         ("hour", hour * HOUR, "trace.duration_ms", "user", "b"): (5, 5.0, None, None, "backfill"),
@@ -195,7 +196,8 @@ def _seed_buckets(database_url: str, hours: list[int]) -> None:
                          (to_datetime(h * HOUR),))
 
 
-def test_a_backfill_row_in_a_new_bucket_after_the_staged_rows_goes_through_the_upsert(database_url: str) -> None:
+def test_a_backfill_row_in_a_new_bucket_after_the_staged_rows_goes_through_the_upsert(
+        database_url: str, caplog: pytest.LogCaptureFixture) -> None:
     """Most buckets have rows: the staged rows are COPYed first, the new bucket's after. A
     backfill row committed meanwhile in that bucket fails its COPY (in a savepoint), and those
     rows are staged and upserted too: the backfill's row kept, the staged rows still written."""
@@ -204,6 +206,7 @@ def test_a_backfill_row_in_a_new_bucket_after_the_staged_rows_goes_through_the_u
     olds, hour = [480_050, 480_051, 480_052], 480_053
     _seed_buckets(database_url, olds)
     block = _blocks([*olds, hour, hour], ["a", "a", "a", "a", "b"], base=40)
+    pid = store.conn().info.backend_pid
     backfill = psycopg.connect(database_url)
     backfill.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
                      "dimension_value, count, sum_value, source) "
@@ -220,17 +223,22 @@ def test_a_backfill_row_in_a_new_bucket_after_the_staged_rows_goes_through_the_u
             result.append(exc)
 
     writer = threading.Thread(target=flush)
-    writer.start()
-    with psycopg.connect(database_url, autocommit=True) as watch:
-        deadline = time.monotonic() + 30
-        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
-            assert time.monotonic() < deadline, "the flush never waited on the backfill's row"
-            time.sleep(0.02)
-    backfill.commit()  # the COPY, blocked on the unique index, now fails
-    backfill.close()
-    writer.join(30)
+    with caplog.at_level(logging.INFO, logger="stream_agg.store.stream_state"):
+        writer.start()
+        with psycopg.connect(database_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = %s",
+                                    (pid,)).fetchone()[0]:
+                assert time.monotonic() < deadline, "the flush never waited on the backfill's row"
+                time.sleep(0.02)
+            copying = watch.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+        backfill.commit()  # the COPY, blocked on the unique index, now fails
+        backfill.close()
+        writer.join(30)
     store.close()
-    assert result == [(5, 0), (5,)]  # the three staged first, then the new bucket's two
+    assert copying.startswith("COPY metrics_aggregates")  # the staged rows were in by then
+    assert any("appeared meanwhile" in r.getMessage() for r in caplog.records)
+    assert result == [(5, 0, 0), (5,)]  # the three staged first, then the new bucket's two
     key = ("trace.duration_ms", "user")
     assert _table(database_url) == {
         **{("hour", h * HOUR, *key, "a"): (40 + i, 40.0 + i, 0.0, 40.0, "stream") for i, h in enumerate(olds)},
@@ -259,7 +267,7 @@ def test_a_flush_split_between_new_and_existing_buckets_writes_every_column(data
     assert any(0 < sum((b.granularity, int(h) * HOUR) in set(existing) for h in b.hours) < len(b) for b in blocks)
     store = StreamStore(database_url)
     with store.conn().transaction(), store.conn().cursor() as cur:
-        rows, _ = store.merge_rows(cur, "s", set(), blocks=blocks)
+        rows, _, _ = store.merge_rows(cur, "s", set(), blocks=blocks)
         staged = cur.execute("SELECT count(*) FROM tmp_rows").fetchone()
     store.close()
     assert rows == len(want)
@@ -356,7 +364,7 @@ def test_rows_fed_while_merging_are_copied_as_they_come(database_url: str) -> No
         writer.join(30)
     store.close()
     assert copied_early and waiting  # rows were in before the feed ended
-    assert result == [(3005, 0)]
+    assert result == [(3005, 0, 3002)]
     got = _table(database_url)
     assert {k: v for k, v in got.items() if k[1] != many * HOUR} == _after_old_and_new(old, new)
     assert {k[4]: v for k, v in got.items() if k[1] == many * HOUR} == {
@@ -409,7 +417,7 @@ def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str) ->
         writer.join(30)
     store.close()
     assert staged_early and waiting  # staged rows were in before the feed ended
-    assert result == [(3004, 0), (3002,)]  # the new bucket's two rows were not staged
+    assert result == [(3004, 0, 2), (3002,)]  # the new bucket's two rows were not staged
     got = _table(database_url)
     key = ("trace.duration_ms", "user")
     assert {k: v for k, v in got.items() if k[1] != olds[0] * HOUR} == {
@@ -481,6 +489,25 @@ def test_a_merge_failing_while_the_copy_meets_a_backfill_row_fails_the_write(dat
     assert str(result[0]) == "merging the rows failed"
     assert _table(database_url) == {
         ("hour", hour * HOUR, "trace.duration_ms", "user", "user-7"): (5, 5.0, None, None, "backfill")}
+
+
+def test_a_merge_failing_while_the_staged_rows_stream_fails_the_write(database_url: str) -> None:
+    """Most buckets have rows, so the staged rows stream as they are merged: a merge that
+    fails meanwhile fails the write, and nothing of it (the new bucket's rows neither) is
+    committed."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    olds, new = [480_070, 480_071, 480_072], 480_073
+    _seed_buckets(database_url, olds)
+    before = _table(database_url)
+    feed = RowFeed()
+    feed.put(_blocks([olds[0], new], ["b", "b"], base=50))
+    feed.close(MemoryError("no room"))
+    with pytest.raises(RuntimeError, match="merging the rows failed"):
+        with store.conn().transaction(), store.conn().cursor() as cur:
+            store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={("hour", h * HOUR) for h in [*olds, new]})
+    store.close()
+    assert _table(database_url) == before
 
 
 def test_a_fed_block_of_a_bucket_not_locked_fails_the_write(database_url: str) -> None:
