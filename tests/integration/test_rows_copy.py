@@ -147,13 +147,12 @@ def test_rows_of_new_buckets_are_copied_and_the_others_upserted(database_url: st
     assert _table(database_url) == _after_old_and_new(old, new)
 
 
-def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(database_url: str) -> None:
-    """The backfill takes no bucket lock: if it commits a row of a bucket the flush found
-    empty, the COPY fails on the unique key, and the upsert keeps the backfill's row."""
-    migrate(database_url)
-    store = StreamStore(database_url)
-    hour = 480_002
-    block = _blocks([hour, hour], ["a", "b"], base=20)
+def _write_beside_a_backfill(database_url: str, store: StreamStore, hour: int, block: RowBlock,
+                             ) -> tuple[list[Any], str]:
+    """`merge_rows` of `block` on a thread while a backfill holds an uncommitted row (user b,
+    count 5) of `hour`, committed once the flush waits on it. Returns what the thread got
+    (the result, then the staged row count) and the statement the flush waited in."""
+    pid = store.conn().info.backend_pid
     backfill = psycopg.connect(database_url)
     backfill.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
                      "dimension_value, count, sum_value, source) "
@@ -165,21 +164,41 @@ def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(dat
         try:
             with store.conn().transaction(), store.conn().cursor() as cur:
                 result.append(store.merge_rows(cur, "s", set(), blocks=[block]))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+                result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertions
             result.append(exc)
 
     writer = threading.Thread(target=flush)
     writer.start()
-    with psycopg.connect(database_url, autocommit=True) as watch:
-        deadline = time.monotonic() + 30
-        while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
-            assert time.monotonic() < deadline, "the flush never waited on the backfill's row"
-            time.sleep(0.02)
-    backfill.commit()  # the COPY, blocked on the unique index, now fails
-    backfill.close()
-    writer.join(30)
+    try:
+        with psycopg.connect(database_url, autocommit=True) as watch:
+            deadline = time.monotonic() + 30
+            while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = %s",
+                                    (pid,)).fetchone()[0]:
+                assert time.monotonic() < deadline, "the flush never waited on the backfill's row"
+                time.sleep(0.02)
+            waiting_in = watch.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
+    finally:
+        backfill.commit()  # the COPY, blocked on the unique index, now fails
+        backfill.close()
+        writer.join(30)
+    return result, waiting_in
+
+
+def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(
+        database_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    """The backfill takes no bucket lock: if it commits a row of a bucket the flush found
+    empty, the COPY fails on the unique key, and the upsert keeps the backfill's row."""
+    migrate(database_url)
+    store = StreamStore(database_url)
+    hour = 480_002
+    with caplog.at_level(logging.INFO, logger="stream_agg.store.stream_state"):
+        result, waiting_in = _write_beside_a_backfill(database_url, store, hour,
+                                                      _blocks([hour, hour], ["a", "b"], base=20))
     store.close()
-    assert result == [(2, 0, 0)]
+    assert waiting_in.startswith("COPY metrics_aggregates")
+    assert any("appeared meanwhile" in r.getMessage() for r in caplog.records)
+    assert result == [(2, 0, 0), (2,)]
     assert _table(database_url) == {
         ("hour", hour * HOUR, "trace.duration_ms", "user", "a"): (20, 20.0, 0.0, 20.0, "stream"),
         ("hour", hour * HOUR, "trace.duration_ms", "user", "b"): (5, 5.0, None, None, "backfill"),
@@ -206,37 +225,10 @@ def test_a_backfill_row_in_a_new_bucket_after_the_staged_rows_goes_through_the_u
     olds, hour = [480_050, 480_051, 480_052], 480_053
     _seed_buckets(database_url, olds)
     block = _blocks([*olds, hour, hour], ["a", "a", "a", "a", "b"], base=40)
-    pid = store.conn().info.backend_pid
-    backfill = psycopg.connect(database_url)
-    backfill.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
-                     "dimension_value, count, sum_value, source) "
-                     "VALUES (%s, 'hour', 'trace.duration_ms', 'user', 'b', 5, 5, 'backfill')",
-                     (to_datetime(hour * HOUR),))  # not committed yet: the flush's check does not see it
-    result: list[Any] = []
-
-    def flush() -> None:
-        try:
-            with store.conn().transaction(), store.conn().cursor() as cur:
-                result.append(store.merge_rows(cur, "s", set(), blocks=[block]))
-                result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            result.append(exc)
-
-    writer = threading.Thread(target=flush)
     with caplog.at_level(logging.INFO, logger="stream_agg.store.stream_state"):
-        writer.start()
-        with psycopg.connect(database_url, autocommit=True) as watch:
-            deadline = time.monotonic() + 30
-            while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = %s",
-                                    (pid,)).fetchone()[0]:
-                assert time.monotonic() < deadline, "the flush never waited on the backfill's row"
-                time.sleep(0.02)
-            copying = watch.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
-        backfill.commit()  # the COPY, blocked on the unique index, now fails
-        backfill.close()
-        writer.join(30)
+        result, waiting_in = _write_beside_a_backfill(database_url, store, hour, block)
     store.close()
-    assert copying.startswith("COPY metrics_aggregates")  # the staged rows were in by then
+    assert waiting_in.startswith("COPY metrics_aggregates")  # the staged rows were in by then
     assert any("appeared meanwhile" in r.getMessage() for r in caplog.records)
     assert result == [(5, 0, 0), (5,)]  # the three staged first, then the new bucket's two
     key = ("trace.duration_ms", "user")
