@@ -296,7 +296,10 @@ def test_sigint_mid_run_keeps_whole_chunks_and_rerun_completes(db: str) -> None:
     env = {**os.environ, "STREAM_AGG_DATABASE_URL": db}
     args = [sys.executable, "-m", "stream_agg", "backfill", "--start", "2026-03-02", "--end", "2026-03-16",
             "--granularity", "hour", "--jobs", "1"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A test run started in the background (`cmd &` in a script) ignores SIGINT, and a child
+    # inherits that: Python then installs no KeyboardInterrupt handler. Ctrl-C is what is tested.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert proc.stderr is not None
     for line in proc.stderr:
         if "chunk 1/14" in line:
