@@ -470,6 +470,7 @@ class WorkerShell:
 
     async def _on_shutdown(self, sender: Any, **_: Any) -> None:
         self.stopping = True
+        self.store.stats.disabled = True  # exiting: no ANALYZE after the last flush (close would cancel it)
         ok = await self._flush(reason="shutdown")
         log.info("final flush on shutdown: %s", "ok" if ok else "FAILED (will be re-read from Kafka)")
         if self.decoder is not None:

@@ -45,7 +45,7 @@ class StatsRefresher:
         self.written = 0  # rows counted since the last ANALYZE this process ran
         self.believed = 0.0  # the table's row count as the planner saw it at the last check
         self.runs = 0  # ANALYZEs run
-        self.disabled = False
+        self.disabled = False  # no more checks: a role that may not analyse, or a worker exiting
         self._closing = False
         self._thread: threading.Thread | None = None
         self._conn: psycopg.Connection | None = None
