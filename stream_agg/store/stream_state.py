@@ -39,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from itertools import chain
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -585,8 +584,6 @@ class StreamStore:
         # rows past a cut exist only where the cut moved below the stored one (or none is stored)
         past = sorted((scope, cut) for scope, cut in cuts.items()
                       if (scope[0], scope[1]) not in fresh and not (scope in stored and cut >= stored[scope]))
-        if staged:
-            cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
         deleted = 0
         if past or gone:
             with index_plans(cur):
@@ -707,8 +704,8 @@ def _write_rows(cur: psycopg.Cursor, fresh: set[BucketId], first: list[RowBlock]
                 ) -> tuple[list[RowBlock], int]:
     """COPY every row as `first`, then `blocks`, come (a `RowFeed` is read while it is filled;
     `locked`: the buckets its blocks may hold): rows of the `fresh` buckets (no row in
-    metrics_aggregates yet) straight into the table, the others into the staging table
-    `tmp_rows` for the upsert. Returns every block and how many rows were staged.
+    metrics_aggregates yet) straight into the table, the others through the staging table
+    `tmp_rows` and the upsert (`_stage`). Returns every block and how many rows were upserted.
 
     Why two ways: catching up a backlog, most rows are of buckets never written before, and
     a plain COPY into the table costs about two thirds of COPY into the staging table plus
@@ -722,6 +719,8 @@ def _write_rows(cur: psycopg.Cursor, fresh: set[BucketId], first: list[RowBlock]
     are merged overlaps the merge; the other waits for its end. The caller streams the
     side it expects to be larger: the new buckets' rows in a backlog's first flush, the
     staged ones in a later flush (late events touch every hour) and in live operation.
+    Staged rows fed while they are merged are upserted in pieces (`PIECE_ROWS`), so that
+    PostgreSQL upserts a piece while the next tables are merged.
     """
     def every_block() -> Iterator[RowBlock]:
         # read again, a RowFeed gives what it gave, then the rest, or its failure again
@@ -755,7 +754,7 @@ def _write_rows(cur: psycopg.Cursor, fresh: set[BucketId], first: list[RowBlock]
                 yield mine
 
     if stage_first or not fresh:
-        staged = _stage(cur, streamed(new=False))
+        staged = _stage(cur, streamed(new=False), PIECE_ROWS if locked is not None else None)
         if held and not _copy_new(cur, held, hours):
             staged += _stage(cur, held)
         return every, staged
@@ -780,9 +779,16 @@ def _copy_new(cur: psycopg.Cursor, blocks: Iterable[RowBlock], hours: dict[str, 
     return True
 
 
-def _stage(cur: psycopg.Cursor, blocks: Iterable[RowBlock]) -> int:
-    """COPY rows into the staging table `tmp_rows` (made on first use); returns how many.
-    No statement at all if no block comes (a flush whose rows all went in by plain COPY)."""
+# Staged rows upserted per statement when they are fed as they are merged: big enough that a
+# statement's own cost is nothing beside its rows, small enough to start well before the merge ends.
+PIECE_ROWS = 20_000
+
+
+def _stage(cur: psycopg.Cursor, blocks: Iterable[RowBlock], piece_rows: int | None = None) -> int:
+    """Upsert rows through the staging table `tmp_rows` (made on first use, left empty);
+    returns how many. No statement at all if no block comes (a flush whose rows all went in
+    by plain COPY). With `piece_rows`, each time at least that many rows are COPYed (at a
+    block's end), they are upserted before the next blocks are read."""
     it = iter(blocks)
     head = next(it, None)  # waits for the first block (or the end of the feed)
     if head is None:
@@ -791,14 +797,24 @@ def _stage(cur: psycopg.Cursor, blocks: Iterable[RowBlock]) -> int:
     cur.execute(f"CREATE TEMP TABLE IF NOT EXISTS tmp_rows ON COMMIT DELETE ROWS AS SELECT "
                 f"{', '.join(rows_copy.COLUMNS)} FROM metrics_aggregates WITH NO DATA")
     n = 0
+    while head is not None:
+        piece = 0
 
-    def counted() -> Iterator[RowBlock]:
-        nonlocal n
-        for block in chain((head,), it):
-            n += len(block)
-            yield block
+        def counted(first: RowBlock) -> Iterator[RowBlock]:
+            nonlocal n, piece
+            block: RowBlock | None = first
+            while block is not None:
+                n += len(block)
+                piece += len(block)
+                yield block
+                if piece_rows is not None and piece >= piece_rows:
+                    return
+                block = next(it, None)
 
-    _copy_blocks(cur, "tmp_rows", counted())
+        _copy_blocks(cur, "tmp_rows", counted(head))
+        cur.execute(UPSERT_ROWS_SQL.format(source="stream", tmp="tmp_rows"))
+        cur.execute("TRUNCATE tmp_rows")
+        head = next(it, None) if piece_rows is not None and piece >= piece_rows else None
     return n
 
 

@@ -17,7 +17,7 @@ from stream_agg.core.buckets import to_datetime
 from stream_agg.core.merged_rows import RowBlock
 from stream_agg.core.registry import default_registry
 from stream_agg.core.state_table import HOUR
-from stream_agg.store import rows_copy
+from stream_agg.store import rows_copy, stream_state
 from stream_agg.store.schema import migrate
 from stream_agg.store.stream_state import RowFeed, StreamStore
 
@@ -140,10 +140,11 @@ def test_rows_of_new_buckets_are_copied_and_the_others_upserted(database_url: st
     _seed_old_bucket(database_url, old)
     block = _old_and_new(old, new)
     with store.conn().transaction(), store.conn().cursor() as cur:
-        rows, _, _ = store.merge_rows(cur, "s", set(), blocks=[block])
-        staged = cur.execute("SELECT count(*) FROM tmp_rows").fetchone()  # emptied at commit
+        rows, _, new_rows = store.merge_rows(cur, "s", set(), blocks=[block])
+        left = cur.execute("SELECT count(*) FROM tmp_rows").fetchone()
     store.close()
-    assert rows == 5 and staged == (3,)  # the old bucket's rows; the new one's were copied
+    assert rows == 5 and rows - new_rows == 3  # the old bucket's rows upserted; the new one's copied
+    assert left == (0,)  # the staging table is left empty
     assert _table(database_url) == _after_old_and_new(old, new)
 
 
@@ -151,7 +152,7 @@ def _write_beside_a_backfill(database_url: str, store: StreamStore, hour: int, b
                              ) -> tuple[list[Any], str]:
     """`merge_rows` of `block` on a thread while a backfill holds an uncommitted row (user b,
     count 5) of `hour`, committed once the flush waits on it. Returns what the thread got
-    (the result, then the staged row count) and the statement the flush waited in."""
+    and the statement the flush waited in."""
     pid = store.conn().info.backend_pid
     backfill = psycopg.connect(database_url)
     backfill.execute("INSERT INTO metrics_aggregates (bucket_time, granularity, metric_name, dimension_type, "
@@ -164,7 +165,6 @@ def _write_beside_a_backfill(database_url: str, store: StreamStore, hour: int, b
         try:
             with store.conn().transaction(), store.conn().cursor() as cur:
                 result.append(store.merge_rows(cur, "s", set(), blocks=[block]))
-                result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())
         except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertions
             result.append(exc)
 
@@ -198,7 +198,7 @@ def test_a_backfill_row_inserted_meanwhile_sends_the_rows_through_the_upsert(
     store.close()
     assert waiting_in.startswith("COPY metrics_aggregates")
     assert any("appeared meanwhile" in r.getMessage() for r in caplog.records)
-    assert result == [(2, 0, 0), (2,)]
+    assert result == [(2, 0, 0)]  # both rows upserted, none copied
     assert _table(database_url) == {
         ("hour", hour * HOUR, "trace.duration_ms", "user", "a"): (20, 20.0, 0.0, 20.0, "stream"),
         ("hour", hour * HOUR, "trace.duration_ms", "user", "b"): (5, 5.0, None, None, "backfill"),
@@ -230,7 +230,7 @@ def test_a_backfill_row_in_a_new_bucket_after_the_staged_rows_goes_through_the_u
     store.close()
     assert waiting_in.startswith("COPY metrics_aggregates")  # the staged rows were in by then
     assert any("appeared meanwhile" in r.getMessage() for r in caplog.records)
-    assert result == [(5, 0, 0), (5,)]  # the three staged first, then the new bucket's two
+    assert result == [(5, 0, 0)]  # the three staged first, then the new bucket's two: all upserted
     key = ("trace.duration_ms", "user")
     assert _table(database_url) == {
         **{("hour", h * HOUR, *key, "a"): (40 + i, 40.0 + i, 0.0, 40.0, "stream") for i, h in enumerate(olds)},
@@ -259,11 +259,10 @@ def test_a_flush_split_between_new_and_existing_buckets_writes_every_column(data
     assert any(0 < sum((b.granularity, int(h) * HOUR) in set(existing) for h in b.hours) < len(b) for b in blocks)
     store = StreamStore(database_url)
     with store.conn().transaction(), store.conn().cursor() as cur:
-        rows, _, _ = store.merge_rows(cur, "s", set(), blocks=blocks)
-        staged = cur.execute("SELECT count(*) FROM tmp_rows").fetchone()
+        rows, _, new_rows = store.merge_rows(cur, "s", set(), blocks=blocks)
     store.close()
     assert rows == len(want)
-    assert staged == (sum(1 for k in want if (k[0], k[1]) in set(existing)),)  # only those went through the upsert
+    assert rows - new_rows == sum(1 for k in want if (k[0], k[1]) in set(existing))  # only those were upserted
     with psycopg.connect(database_url) as conn:
         got = conn.execute("SELECT bucket_time, granularity, metric_name, dimension_type, dimension_value, count, "
                            "sum_value, min_value, max_value, avg_value, p50_value, p95_value, p99_value, digest, "
@@ -371,9 +370,22 @@ def _copied_into(watch: psycopg.Connection, pid: int, table: str) -> int | None:
     return None if row is None else int(row[0])
 
 
-def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str) -> None:
+def _holds_row_lock(watch: psycopg.Connection, pid: int) -> bool:
+    """The backend has written into metrics_aggregates in its transaction (nothing else of a
+    flush before the upsert takes that lock: the staging table is another table)."""
+    return bool(watch.execute("SELECT count(*) FROM pg_locks WHERE pid = %s AND mode = 'RowExclusiveLock' AND "
+                              "relation = 'metrics_aggregates'::regclass", (pid,)).fetchone()[0])
+
+
+@pytest.mark.parametrize("piece_rows", [None, 1000], ids=["one-piece", "pieces"])
+def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str, piece_rows: int | None,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Most buckets have rows (a later flush, live traffic): PostgreSQL is taking the staged
-    rows while the feed still merges, and the new bucket's rows go in after, by plain COPY."""
+    rows while the feed still merges, and the new bucket's rows go in after, by plain COPY.
+    Once a piece of staged rows is in (`PIECE_ROWS`, here 1,000 or the default), it is upserted
+    before the feed ends."""
+    if piece_rows is not None:
+        monkeypatch.setattr(stream_state, "PIECE_ROWS", piece_rows)
     migrate(database_url)
     store = StreamStore(database_url)
     olds, new = [480_060, 480_061, 480_062], 480_063
@@ -389,7 +401,7 @@ def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str) ->
             with store.conn().transaction(), store.conn().cursor() as cur:
                 result.append(store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={
                     ("hour", h * HOUR) for h in [*olds, new]}))
-                result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())
+                result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())  # left empty
         except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
             result.append(exc)
 
@@ -402,6 +414,12 @@ def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str) ->
             while not _copied_into(watch, pid, "tmp_rows") and time.monotonic() < deadline:
                 time.sleep(0.02)
             staged_early = _copied_into(watch, pid, "tmp_rows")
+            if piece_rows is not None:  # the first block is a whole piece: upserted, a new COPY begun
+                while not _holds_row_lock(watch, pid) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            else:
+                time.sleep(0.3)  # time enough for an upsert that should not come
+            upserted_early = _holds_row_lock(watch, pid)
         waiting = writer.is_alive() and not result
         feed.put(_blocks([olds[1], olds[2], new, new], ["a", "a", "a", "b"], base=10))
     finally:
@@ -409,7 +427,8 @@ def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str) ->
         writer.join(30)
     store.close()
     assert staged_early and waiting  # staged rows were in before the feed ended
-    assert result == [(3004, 0, 2), (3002,)]  # the new bucket's two rows were not staged
+    assert upserted_early == (piece_rows is not None)
+    assert result == [(3004, 0, 2), (0,)]  # the new bucket's two rows were not staged
     got = _table(database_url)
     key = ("trace.duration_ms", "user")
     assert {k: v for k, v in got.items() if k[1] != olds[0] * HOUR} == {
