@@ -131,6 +131,7 @@ class FlushReport:
     spans: int
     seconds: dict[str, float] = field(default_factory=dict)  # per phase, for the flush log line
     floor: float | None = None  # the stream's prune floor, read in the flush's transaction
+    new_rows: int = 0  # of `rows`, those COPYed into buckets that had none (the others were upserted)
 
 
 class Feed(Generic[T]):
@@ -427,7 +428,7 @@ class StreamStore:
                     log.exception("could not start refreshing metrics_aggregates' statistics")
             finally:
                 wait([compressing])  # never leave a thread rewriting a payload the caller may retry
-            return FlushReport(partials, rows, deleted, traces, spans, phases, floor)
+            return FlushReport(partials, rows, deleted, traces, spans, phases, floor, new_rows)
         except psycopg.Error:
             self._reset()
             raise
