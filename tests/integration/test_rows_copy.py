@@ -411,15 +411,17 @@ def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str, pi
         feed.put(first)
         with psycopg.connect(database_url, autocommit=True) as watch:
             deadline = time.monotonic() + 30
-            while not _copied_into(watch, pid, "tmp_rows") and time.monotonic() < deadline:
-                time.sleep(0.02)
-            staged_early = _copied_into(watch, pid, "tmp_rows")
-            if piece_rows is not None:  # the first block is a whole piece: upserted, a new COPY begun
+            if piece_rows is None:
+                while not _copied_into(watch, pid, "tmp_rows") and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                staged_early = bool(_copied_into(watch, pid, "tmp_rows"))
+                time.sleep(0.3)  # time enough for an upsert that should not come
+                upserted_early = _holds_row_lock(watch, pid)
+            else:  # the first block is a whole piece: COPYed, upserted, then the writer waits for more
+                # (its COPY may be over before a poll sees it: the upsert's lock is the evidence)
                 while not _holds_row_lock(watch, pid) and time.monotonic() < deadline:
                     time.sleep(0.02)
-            else:
-                time.sleep(0.3)  # time enough for an upsert that should not come
-            upserted_early = _holds_row_lock(watch, pid)
+                upserted_early = staged_early = _holds_row_lock(watch, pid)
         waiting = writer.is_alive() and not result
         feed.put(_blocks([olds[1], olds[2], new, new], ["a", "a", "a", "b"], base=10))
     finally:
