@@ -148,6 +148,28 @@ def test_rows_of_new_buckets_are_copied_and_the_others_upserted(database_url: st
     assert _table(database_url) == _after_old_and_new(old, new)
 
 
+def _write_on_a_thread(store: StreamStore, blocks: list[RowBlock] | RowFeed,
+                       buckets: set[tuple[str, int]] | None = None, read_staged: bool = False,
+                       ) -> tuple[threading.Thread, list[Any]]:
+    """`merge_rows` of `blocks` in a transaction on a started thread (as the worker's writer
+    runs it). Its result (then, with `read_staged`, what the staging table holds after it)
+    or its exception lands in the returned list."""
+    result: list[Any] = []
+
+    def flush() -> None:
+        try:
+            with store.conn().transaction(), store.conn().cursor() as cur:
+                result.append(store.merge_rows(cur, "s", set(), blocks=blocks, block_buckets=buckets or ()))
+                if read_staged:
+                    result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertions
+            result.append(exc)
+
+    writer = threading.Thread(target=flush)
+    writer.start()
+    return writer, result
+
+
 def _write_beside_a_backfill(database_url: str, store: StreamStore, hour: int, block: RowBlock,
                              ) -> tuple[list[Any], str]:
     """`merge_rows` of `block` on a thread while a backfill holds an uncommitted row (user b,
@@ -159,17 +181,7 @@ def _write_beside_a_backfill(database_url: str, store: StreamStore, hour: int, b
                      "dimension_value, count, sum_value, source) "
                      "VALUES (%s, 'hour', 'trace.duration_ms', 'user', 'b', 5, 5, 'backfill')",
                      (to_datetime(hour * HOUR),))  # not committed yet: the flush's check does not see it
-    result: list[Any] = []
-
-    def flush() -> None:
-        try:
-            with store.conn().transaction(), store.conn().cursor() as cur:
-                result.append(store.merge_rows(cur, "s", set(), blocks=[block]))
-        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertions
-            result.append(exc)
-
-    writer = threading.Thread(target=flush)
-    writer.start()
+    writer, result = _write_on_a_thread(store, [block])
     try:
         with psycopg.connect(database_url, autocommit=True) as watch:
             deadline = time.monotonic() + 30
@@ -328,18 +340,8 @@ def test_rows_fed_while_merging_are_copied_as_they_come(database_url: str) -> No
     # a first block bigger than psycopg's COPY buffer (32 KB), as a flush's blocks are
     first = _blocks([many] * 3000, [f"user-{i}" for i in range(3000)], base=100)
     feed = RowFeed()
-    result: list[Any] = []
-
-    def flush() -> None:
-        try:
-            with store.conn().transaction(), store.conn().cursor() as cur:
-                result.append(store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={
-                    ("hour", old * HOUR), ("hour", new * HOUR), ("hour", many * HOUR)}))
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            result.append(exc)
-
-    writer = threading.Thread(target=flush)
-    writer.start()
+    writer, result = _write_on_a_thread(store, feed, {("hour", old * HOUR), ("hour", new * HOUR),
+                                                      ("hour", many * HOUR)})
     try:
         feed.put(first)
         feed.put(block.take(np.array([3, 4])))  # the new bucket's rows
@@ -394,19 +396,7 @@ def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str, pi
     # a first block bigger than psycopg's COPY buffer (32 KB), as a flush's blocks are
     first = _blocks([olds[0]] * 3000, [f"user-{i}" for i in range(3000)], base=100)
     feed = RowFeed()
-    result: list[Any] = []
-
-    def flush() -> None:
-        try:
-            with store.conn().transaction(), store.conn().cursor() as cur:
-                result.append(store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={
-                    ("hour", h * HOUR) for h in [*olds, new]}))
-                result.append(cur.execute("SELECT count(*) FROM tmp_rows").fetchone())  # left empty
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            result.append(exc)
-
-    writer = threading.Thread(target=flush)
-    writer.start()
+    writer, result = _write_on_a_thread(store, feed, {("hour", h * HOUR) for h in [*olds, new]}, read_staged=True)
     try:
         feed.put(first)
         with psycopg.connect(database_url, autocommit=True) as watch:
@@ -430,7 +420,7 @@ def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str, pi
     store.close()
     assert staged_early and waiting  # staged rows were in before the feed ended
     assert upserted_early == (piece_rows is not None)
-    assert result == [(3004, 0, 2), (0,)]  # the new bucket's two rows were not staged
+    assert result == [(3004, 0, 2), (0,)]  # the new bucket's two rows copied; the staging table left empty
     got = _table(database_url)
     key = ("trace.duration_ms", "user")
     assert {k: v for k, v in got.items() if k[1] != olds[0] * HOUR} == {
@@ -472,17 +462,7 @@ def test_a_merge_failing_while_the_copy_meets_a_backfill_row_fails_the_write(dat
                      "VALUES (%s, 'hour', 'trace.duration_ms', 'user', 'user-7', 5, 5, 'backfill')",
                      (to_datetime(hour * HOUR),))  # not committed yet: the flush's check does not see it
     feed = RowFeed()
-    result: list[Any] = []
-
-    def flush() -> None:
-        try:
-            with store.conn().transaction(), store.conn().cursor() as cur:
-                result.append(store.merge_rows(cur, "s", set(), blocks=feed, block_buckets={("hour", hour * HOUR)}))
-        except BaseException as exc:  # noqa: BLE001 - checked below
-            result.append(exc)
-
-    writer = threading.Thread(target=flush)
-    writer.start()
+    writer, result = _write_on_a_thread(store, feed, {("hour", hour * HOUR)})
     try:
         feed.put(first)
         with psycopg.connect(database_url, autocommit=True) as watch:
