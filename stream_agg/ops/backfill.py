@@ -368,6 +368,7 @@ def backfill_chunk(conn: psycopg.Connection, plan: BackfillPlan, a: int, b: int)
 
 
 Progress = Callable[[ChunkResult, int, int], None]  # (result, chunks done, chunks total)
+DEADLOCK_ATTEMPTS = 3  # runs of a chunk that PostgreSQL chose as a deadlock's victim
 
 
 def run_backfill(url: str, plan: BackfillPlan, on_chunk: Progress | None = None) -> BackfillSummary:
@@ -385,7 +386,18 @@ def run_backfill(url: str, plan: BackfillPlan, on_chunk: Progress | None = None)
             conn = local.conn = connect(url)
             with lock:
                 conns.append(conn)
-        return backfill_chunk(conn, plan, a, b)
+        for attempt in range(1, DEADLOCK_ATTEMPTS + 1):
+            try:
+                return backfill_chunk(conn, plan, a, b)
+            except psycopg.errors.DeadlockDetected:
+                # A stream flush writing the same buckets (it takes the buckets' advisory
+                # locks; the backfill does not): the chunk rolled back as a whole, and is
+                # idempotent, so it is run again.
+                if attempt == DEADLOCK_ATTEMPTS:
+                    raise
+                log.warning("chunk %s .. %s deadlocked with another writer; running it again (attempt %d)",
+                            to_datetime(a).isoformat(), to_datetime(b).isoformat(), attempt + 1)
+        raise AssertionError("unreachable")
 
     pool = ThreadPoolExecutor(max_workers=plan.jobs, thread_name_prefix="backfill")
     pending: set[Future[ChunkResult]] = set()

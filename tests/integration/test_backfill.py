@@ -8,6 +8,7 @@ the K values of smallest `cap_hash` per scope, and numpy computes the expected a
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -27,6 +28,7 @@ from stream_agg.core.aggstate import digest_from_bytes
 from stream_agg.core.buckets import GRANULARITIES
 from stream_agg.core.cardinality import capped_values
 from stream_agg.core.registry import OTHER, Registry, default_registry
+from stream_agg.ops import backfill as backfill_ops
 from stream_agg.ops.backfill import Interrupted, make_plan, run_backfill
 from stream_agg.store.schema import migrate
 from stream_agg.synthetic import generate_events
@@ -290,16 +292,57 @@ def test_interrupted_run_resumed_gives_the_same_rows(db: str) -> None:
                    registry)
 
 
+@pytest.mark.parametrize("victim_runs", [1, 3], ids=["once", "every-time"])
+def test_a_chunk_chosen_as_a_deadlocks_victim_is_run_again(db: str, victim_runs: int,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A stream flush holds row locks in buckets the backfill rewrites (it takes the buckets'
+    advisory locks, the backfill does not), so PostgreSQL may abort a chunk as a deadlock's
+    victim. The chunk rolled back whole: it is run again, up to DEADLOCK_ATTEMPTS times. The
+    deadlock itself is injected here: the first `victim_runs` runs of the second chunk get
+    PostgreSQL's error after writing (the transaction's rollback undoes them)."""
+    traces, spans = synthetic_rows(600, seed=5, start=MONDAY, hours=48)
+    insert_raw(db, traces, spans)
+    registry = default_registry()
+    plan = make_plan(registry, ("hour", "day"), MONDAY, MONDAY + timedelta(days=2), jobs=1)
+    real = backfill_ops.backfill_chunk
+    runs: list[int] = []
+
+    def chunk(conn: psycopg.Connection, plan: Any, a: int, b: int) -> Any:
+        if a == plan.chunks[1][0] and len(runs) < victim_runs:
+            runs.append(a)
+            with conn.transaction():
+                real(conn, plan, a, b)  # written in a transaction of its own (a savepoint here) ...
+                raise psycopg.errors.DeadlockDetected("deadlock detected")  # ... and rolled back
+        return real(conn, plan, a, b)
+
+    monkeypatch.setattr(backfill_ops, "backfill_chunk", chunk)
+    with caplog.at_level(logging.WARNING, logger="stream_agg.ops.backfill"):
+        if victim_runs >= backfill_ops.DEADLOCK_ATTEMPTS:
+            with pytest.raises(psycopg.errors.DeadlockDetected):
+                run_backfill(db, plan)
+            assert len(runs) == backfill_ops.DEADLOCK_ATTEMPTS
+            assert {k[1] for k in stored(db) if k[0] == "day"} == {MONDAY}  # the first chunk only
+            return
+        run_backfill(db, plan)
+    assert len(runs) == 1 and sum("deadlocked with another writer" in r.getMessage() for r in caplog.records) == 1
+    expected = reference(traces, spans, registry, ("hour", "day"))
+    assert_matches(stored(db), {k: v for k, v in expected.items() if MONDAY <= k[1] < MONDAY + timedelta(days=2)},
+                   registry)
+
+
 def test_sigint_mid_run_keeps_whole_chunks_and_rerun_completes(db: str) -> None:
     traces, spans = synthetic_rows(20000, seed=2, start=MONDAY, hours=24 * 14)
     insert_raw(db, traces, spans)
     env = {**os.environ, "STREAM_AGG_DATABASE_URL": db}
-    args = [sys.executable, "-m", "stream_agg", "backfill", "--start", "2026-03-02", "--end", "2026-03-16",
-            "--granularity", "hour", "--jobs", "1"]
     # A test run started in the background (`cmd &` in a script) ignores SIGINT, and a child
-    # inherits that: Python then installs no KeyboardInterrupt handler. Ctrl-C is what is tested.
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # inherits that: Python then installs no KeyboardInterrupt handler. Ctrl-C is what is
+    # tested, so the child installs it before running `python -m stream_agg`.
+    main = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('stream_agg', run_name='__main__', alter_sys=True)")
+    args = [sys.executable, "-c", main, "backfill", "--start", "2026-03-02", "--end", "2026-03-16",
+            "--granularity", "hour", "--jobs", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     assert proc.stderr is not None
     for line in proc.stderr:
         if "chunk 1/14" in line:

@@ -453,6 +453,7 @@ def test_a_merge_failing_while_the_copy_meets_a_backfill_row_fails_the_write(dat
     the rows); the write fails and nothing of it is committed."""
     migrate(database_url)
     store = StreamStore(database_url)
+    pid = store.conn().info.backend_pid
     hour = 480_030
     # past psycopg's COPY buffer (32 KB), within the socket's: sent while the server waits
     first = _blocks([hour] * 3000, [f"user-{i}" for i in range(3000)], base=1)
@@ -467,7 +468,8 @@ def test_a_merge_failing_while_the_copy_meets_a_backfill_row_fails_the_write(dat
         feed.put(first)
         with psycopg.connect(database_url, autocommit=True) as watch:
             deadline = time.monotonic() + 30
-            while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted").fetchone()[0]:
+            while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = %s",
+                                    (pid,)).fetchone()[0]:
                 assert time.monotonic() < deadline, "the COPY never waited on the backfill's row"
                 time.sleep(0.02)
         feed.close(MemoryError("no room"))
@@ -484,10 +486,14 @@ def test_a_merge_failing_while_the_copy_meets_a_backfill_row_fails_the_write(dat
         ("hour", hour * HOUR, "trace.duration_ms", "user", "user-7"): (5, 5.0, None, None, "backfill")}
 
 
-def test_a_merge_failing_while_the_staged_rows_stream_fails_the_write(database_url: str) -> None:
+@pytest.mark.parametrize("piece_rows", [None, 1], ids=["one-piece", "pieces"])
+def test_a_merge_failing_while_the_staged_rows_stream_fails_the_write(database_url: str, piece_rows: int | None,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Most buckets have rows, so the staged rows stream as they are merged: a merge that
-    fails meanwhile fails the write, and nothing of it (the new bucket's rows neither) is
-    committed."""
+    fails meanwhile fails the write, and nothing of it (the new bucket's rows neither, nor
+    the pieces already upserted) is committed."""
+    if piece_rows is not None:
+        monkeypatch.setattr(stream_state, "PIECE_ROWS", piece_rows)
     migrate(database_url)
     store = StreamStore(database_url)
     olds, new = [480_070, 480_071, 480_072], 480_073
@@ -495,6 +501,7 @@ def test_a_merge_failing_while_the_staged_rows_stream_fails_the_write(database_u
     before = _table(database_url)
     feed = RowFeed()
     feed.put(_blocks([olds[0], new], ["b", "b"], base=50))
+    feed.put(_blocks([olds[1]], ["b"], base=60))  # with pieces of 1: each block upserted before the next
     feed.close(MemoryError("no room"))
     with pytest.raises(RuntimeError, match="merging the rows failed"):
         with store.conn().transaction(), store.conn().cursor() as cur:
