@@ -170,6 +170,14 @@ def _write_on_a_thread(store: StreamStore, blocks: list[RowBlock] | RowFeed,
     return writer, result
 
 
+def _wait_until_blocked(watch: psycopg.Connection, pid: int, failure: str) -> None:
+    """Until backend `pid` waits for a lock (30 s at most, else fail with `failure`)."""
+    deadline = time.monotonic() + 30
+    while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = %s", (pid,)).fetchone()[0]:
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.02)
+
+
 def _write_beside_a_backfill(database_url: str, store: StreamStore, hour: int, block: RowBlock,
                              ) -> tuple[list[Any], str]:
     """`merge_rows` of `block` on a thread while a backfill holds an uncommitted row (user b,
@@ -184,11 +192,7 @@ def _write_beside_a_backfill(database_url: str, store: StreamStore, hour: int, b
     writer, result = _write_on_a_thread(store, [block])
     try:
         with psycopg.connect(database_url, autocommit=True) as watch:
-            deadline = time.monotonic() + 30
-            while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = %s",
-                                    (pid,)).fetchone()[0]:
-                assert time.monotonic() < deadline, "the flush never waited on the backfill's row"
-                time.sleep(0.02)
+            _wait_until_blocked(watch, pid, "the flush never waited on the backfill's row")
             waiting_in = watch.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0]
     finally:
         backfill.commit()  # the COPY, blocked on the unique index, now fails
@@ -372,6 +376,18 @@ def _copied_into(watch: psycopg.Connection, pid: int, table: str) -> int | None:
     return None if row is None else int(row[0])
 
 
+def _three_of_four_with_rows(database_url: str, hour: int, piece_rows: int | None,
+                             monkeypatch: pytest.MonkeyPatch) -> tuple[StreamStore, list[int], int]:
+    """A migrated database where hours `hour`..+2 have a row and `hour`+3 none (so a flush of
+    the four streams the staged rows), with pieces of `piece_rows` (None: the default)."""
+    if piece_rows is not None:
+        monkeypatch.setattr(stream_state, "PIECE_ROWS", piece_rows)
+    migrate(database_url)
+    olds = [hour, hour + 1, hour + 2]
+    _seed_buckets(database_url, olds)
+    return StreamStore(database_url), olds, hour + 3
+
+
 def _holds_row_lock(watch: psycopg.Connection, pid: int) -> bool:
     """The backend has written into metrics_aggregates in its transaction (nothing else of a
     flush before the upsert takes that lock: the staging table is another table)."""
@@ -386,12 +402,7 @@ def test_rows_of_buckets_with_rows_are_staged_as_they_come(database_url: str, pi
     rows while the feed still merges, and the new bucket's rows go in after, by plain COPY.
     Once a piece of staged rows is in (`PIECE_ROWS`, here 1,000 or the default), it is upserted
     before the feed ends."""
-    if piece_rows is not None:
-        monkeypatch.setattr(stream_state, "PIECE_ROWS", piece_rows)
-    migrate(database_url)
-    store = StreamStore(database_url)
-    olds, new = [480_060, 480_061, 480_062], 480_063
-    _seed_buckets(database_url, olds)
+    store, olds, new = _three_of_four_with_rows(database_url, 480_060, piece_rows, monkeypatch)
     pid = store.conn().info.backend_pid
     # a first block bigger than psycopg's COPY buffer (32 KB), as a flush's blocks are
     first = _blocks([olds[0]] * 3000, [f"user-{i}" for i in range(3000)], base=100)
@@ -467,11 +478,7 @@ def test_a_merge_failing_while_the_copy_meets_a_backfill_row_fails_the_write(dat
     try:
         feed.put(first)
         with psycopg.connect(database_url, autocommit=True) as watch:
-            deadline = time.monotonic() + 30
-            while not watch.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND pid = %s",
-                                    (pid,)).fetchone()[0]:
-                assert time.monotonic() < deadline, "the COPY never waited on the backfill's row"
-                time.sleep(0.02)
+            _wait_until_blocked(watch, pid, "the COPY never waited on the backfill's row")
         feed.close(MemoryError("no room"))
         time.sleep(0.5)  # the writer takes the failure while its COPY still waits (else it comes later)
     finally:
@@ -492,12 +499,7 @@ def test_a_merge_failing_while_the_staged_rows_stream_fails_the_write(database_u
     """Most buckets have rows, so the staged rows stream as they are merged: a merge that
     fails meanwhile fails the write, and nothing of it (the new bucket's rows neither, nor
     the pieces already upserted) is committed."""
-    if piece_rows is not None:
-        monkeypatch.setattr(stream_state, "PIECE_ROWS", piece_rows)
-    migrate(database_url)
-    store = StreamStore(database_url)
-    olds, new = [480_070, 480_071, 480_072], 480_073
-    _seed_buckets(database_url, olds)
+    store, olds, new = _three_of_four_with_rows(database_url, 480_070, piece_rows, monkeypatch)
     before = _table(database_url)
     feed = RowFeed()
     feed.put(_blocks([olds[0], new], ["b", "b"], base=50))
