@@ -554,8 +554,7 @@ class Processor:
         log.info("flushed partitions=%s partials=%d rows=%d (new %d) traces=%d events=%d in %.3fs (snapshot %.3fs "
                  "merge %.3fs encode %.3fs %s) rss=%s", [p.partition for p in snap.payload.partitions],
                  report.partials, report.rows, report.new_rows, report.traces, snap.pending_events, seconds,
-                 snap.seconds,
-                 snap.merge_seconds, snap.encode_seconds,
+                 snap.seconds, snap.merge_seconds, snap.encode_seconds,
                  " ".join(f"{k} {v:.3f}s" for k, v in report.seconds.items()), _rss())
         return report
 

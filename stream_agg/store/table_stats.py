@@ -9,8 +9,8 @@ of the table: measured in the worker, 41 scopes took 506 ms reading 48 hours of 
 entries each, against 230 ms for 64 scopes through the bucket key once analysed. Autovacuum
 would analyse the table, but only about a minute later, and not at all where it is off.
 
-So after a flush, when the rows this process wrote since its last ANALYZE outnumber the rows
-the planner believes the table holds (`pg_class.reltuples`; -1 = never analysed), an
+So after a flush, when the rows this process COPYed into new buckets since its last ANALYZE
+outnumber the rows the planner believes the table holds (`pg_class.reltuples`; -1 = never analysed), an
 ANALYZE of the table runs on a thread and a connection of its own: it does not block the
 flush's writes (its lock conflicts only with VACUUM / ANALYZE / DDL) and it stays off the
 critical path of the next flush. A role that may not analyse the table gets a warning from
