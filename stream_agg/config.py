@@ -132,7 +132,7 @@ SETTINGS: tuple[Setting, ...] = (
             "or after STREAM_AGG_BATCH_TIMEOUT)"),
     Setting("batch_timeout", _positive(_parse_duration), "0.2s",
             "Max wait to fill a micro-batch (1s suits topics of single-event messages: fewer, "
-            "bigger folds; a backlog's last micro-batch waits that long)"),
+            "bigger folds; behind a backlog a micro-batch also ends once every partition is taken to its end)"),
     Setting("archive", _parse_bool, "true", "Write valid events to the raw traces/spans tables"),
     Setting("max_pending_events", _positive(int), "2000000",
             "Folded-but-unflushed events held while PostgreSQL is down before consumption pauses"),

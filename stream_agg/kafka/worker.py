@@ -33,6 +33,7 @@ from stream_agg.config import Config
 from stream_agg.core.registry import Registry, default_registry
 from stream_agg.kafka.decode_pool import DecodedPart, DecodePool, merge_batches
 from stream_agg.kafka.processor import Message, Outcome, PoisonedError, Processor, Snapshot
+from stream_agg.kafka.take_limit import TakeLimit
 from stream_agg.observability import Metrics
 from stream_agg.store.db import describe_db_error
 from stream_agg.store.schema import SchemaTooNewError
@@ -56,38 +57,6 @@ PRUNE_RETRY = 60.0  # seconds before a failed or locked-out prune is tried again
 # work (or every other worker of the group) is waiting for.
 ROUTINE = frozenset({"timer", "interval", "backlog end"})
 ARCHIVE_BYTES = 64 << 20  # raw-archive COPY text held before folding waits for a flush
-
-
-class TakeLimit:
-    """`max_` for Faust's `take_events` that is also reached at a payload byte budget.
-
-    Faust counts messages, and one message may hold one event or a thousand: a take of
-    `batch_size` 250 KB messages held 125 MB. Faust tests `len(buffer) >= max_`; an int
-    compared with this object falls back to `__le__`, so the take ends at `messages`
-    messages or `max_bytes` bytes, whichever comes first. `count` is a stream processor
-    added before the take, so it sees each value first.
-    """
-
-    def __init__(self, messages: int, max_bytes: int) -> None:
-        self.messages = messages
-        self.max_bytes = max_bytes
-        self.bytes = 0
-
-    def count(self, value: Any) -> Any:
-        self.bytes += len(value) if isinstance(value, (bytes, bytearray)) else 0
-        return value
-
-    def reset(self) -> None:
-        self.bytes = 0
-
-    def reached(self, taken: int) -> bool:
-        return taken >= self.messages or self.bytes >= self.max_bytes
-
-    def __le__(self, taken: int) -> bool:
-        return self.reached(taken)
-
-    def __repr__(self) -> str:
-        return f"TakeLimit({self.messages} messages or {self.max_bytes} bytes)"
 
 
 def _chunks(msgs: list[Message], limit: int) -> list[list[Message]]:
@@ -483,11 +452,16 @@ class WorkerShell:
     # ----------------------------------------------------------------- consuming
 
     async def _agent(self, stream: faust.StreamT) -> None:
-        limit = TakeLimit(self.config.batch_size, FOLD_BYTES)
+        def position() -> tuple[int, int] | None:
+            event = stream.current_event
+            return None if event is None else (event.message.partition, event.message.offset)
+
+        limit = TakeLimit(self.config.batch_size, FOLD_BYTES, position, self._fold_positions)
         stream.add_processor(limit.count)  # runs before take_events' own buffering processor
         async for events in stream.take_events(limit, within=self.config.batch_timeout):  # type: ignore[arg-type]
-            self.backlog.took(limit.reached(len(events)))
-            limit.reset()
+            full = limit.full(len(events))
+            self.backlog.took(full)
+            limit.next_take(full)
             msgs = []
             for ev in events:
                 message = ev.message

@@ -191,6 +191,25 @@ def test_backlog_folded_in_joined_chunks_across_a_kill(cfg: Config, tmp_path: Pa
     assert_rows_match_events(fetch_rows(cfg.database_url), events, default_registry(cfg.cardinality_caps))
 
 
+def test_a_backlogs_last_micro_batch_does_not_wait_for_the_batch_timeout(cfg: Config, tmp_path: Path) -> None:
+    """Single-event messages behind a backlog: full takes of 200, then a last one of 30 that
+    ends once every partition is taken to its end, not after the 60 s batch timeout."""
+    events = generate_events(1030, seed=17, start=START, hours=6, users=50)
+    produce(cfg, events, batching=False)
+    worker = WorkerProcess(cfg, tmp_path / "worker.log", STREAM_AGG_BATCH_SIZE="200",
+                           STREAM_AGG_BATCH_TIMEOUT="60s", STREAM_AGG_ARCHIVE="false").start()
+    try:
+        started = time.monotonic()
+        wait_caught_up(cfg, timeout=40, workers=[worker])
+        took = time.monotonic() - started
+        assert worker.terminate() == 0
+    finally:
+        worker.kill()
+    assert took < 40  # group join and fold included; the timeout alone would be 60 s
+    events_back = decode_all([encode_event(e) for e in events])
+    assert_rows_match_events(fetch_rows(cfg.database_url), events_back, default_registry(cfg.cardinality_caps))
+
+
 def test_a_running_worker_stops_rather_than_take_partitions_after_a_newer_migration(
         cfg: Config, tmp_path: Path) -> None:
     """A rolling deploy: a second worker joins after a newer stream-agg migrated the database
