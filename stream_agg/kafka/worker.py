@@ -347,6 +347,7 @@ class WorkerShell:
         self.last_batch = time.monotonic()  # when the agent last handed over messages
         self.idle_after = idle_after(config)
         self.backlog = BacklogEnd()
+        self.take_limit = TakeLimit(config.batch_size, FOLD_BYTES, positions=self._fold_positions)
         self.hold = FlushHold(within=config.flush_interval / 4, at_most=config.flush_interval / 2,
                               now=self.last_flush)
         self.failures = 0
@@ -383,6 +384,7 @@ class WorkerShell:
     # ----------------------------------------------------------------- rebalance
 
     async def _on_assigned(self, sender: Any, assigned: set[TP], **_: Any) -> None:
+        self.take_limit.reassigned()
         await self._assign(self._ours(assigned))
 
     async def _on_rebalance_complete(self, sender: Any, **_: Any) -> None:
@@ -431,6 +433,7 @@ class WorkerShell:
                 delay = min(delay * 2, MAX_BACKOFF)
 
     async def _on_revoked(self, sender: Any, revoked: set[TP], **_: Any) -> None:
+        self.take_limit.reassigned()
         parts = self._ours(revoked)
         if not parts:
             return
@@ -456,12 +459,11 @@ class WorkerShell:
             event = stream.current_event
             return None if event is None else (event.message.partition, event.message.offset)
 
-        limit = TakeLimit(self.config.batch_size, FOLD_BYTES, position, self._fold_positions)
+        limit = self.take_limit
+        limit.position = position
         stream.add_processor(limit.count)  # runs before take_events' own buffering processor
         async for events in stream.take_events(limit, within=self.config.batch_timeout):  # type: ignore[arg-type]
-            full = limit.full(len(events))
-            self.backlog.took(full)
-            limit.next_take(full)
+            self.backlog.took(limit.next_take(len(events)))  # before any await: see TakeLimit
             msgs = []
             for ev in events:
                 message = ev.message

@@ -199,13 +199,10 @@ def test_a_backlogs_last_micro_batch_does_not_wait_for_the_batch_timeout(cfg: Co
     worker = WorkerProcess(cfg, tmp_path / "worker.log", STREAM_AGG_BATCH_SIZE="200",
                            STREAM_AGG_BATCH_TIMEOUT="60s", STREAM_AGG_ARCHIVE="false").start()
     try:
-        started = time.monotonic()
-        wait_caught_up(cfg, timeout=40, workers=[worker])
-        took = time.monotonic() - started
+        wait_caught_up(cfg, timeout=40, workers=[worker])  # group join and fold included; the timeout is 60 s
         assert worker.terminate() == 0
     finally:
         worker.kill()
-    assert took < 40  # group join and fold included; the timeout alone would be 60 s
     events_back = decode_all([encode_event(e) for e in events])
     assert_rows_match_events(fetch_rows(cfg.database_url), events_back, default_registry(cfg.cardinality_caps))
 
