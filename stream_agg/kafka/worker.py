@@ -32,6 +32,7 @@ from faust.types import TP
 from stream_agg.config import Config
 from stream_agg.core.registry import Registry, default_registry
 from stream_agg.kafka.decode_pool import DecodedPart, DecodePool, merge_batches
+from stream_agg.kafka.fold_progress import FoldProgress
 from stream_agg.kafka.processor import Message, Outcome, PoisonedError, Processor, Snapshot
 from stream_agg.kafka.take_limit import TakeLimit
 from stream_agg.observability import Metrics
@@ -367,6 +368,8 @@ class WorkerShell:
         # the agent waits to put: up to 6 of 16 MB, against 3 without joining.
         self.join_bytes = join_budget(config)
         self.batches = ChunkQueue(maxsize=max(1, config.decode_processes, self.join_bytes // FOLD_BYTES))
+        # A micro-batch that is not full is folded before the next is taken (`fold_progress`).
+        self.progress = FoldProgress()
         self.app.agent(self.topic, name="stream-agg-fold", concurrency=1)(self._agent)
         self.app.task(self._fold_loop)
         self.app.task(self._flush_loop)
@@ -442,6 +445,7 @@ class WorkerShell:
 
     async def _on_shutdown(self, sender: Any, **_: Any) -> None:
         self.stopping = True
+        self.progress.close()
         self.store.stats.disabled = True  # exiting: no ANALYZE after the last flush (close would cancel it)
         ok = await self._flush(reason="shutdown")
         log.info("final flush on shutdown: %s", "ok" if ok else "FAILED (will be re-read from Kafka)")
@@ -463,13 +467,15 @@ class WorkerShell:
         limit.position = position
         stream.add_processor(limit.count)  # runs before take_events' own buffering processor
         async for events in stream.take_events(limit, within=self.config.batch_timeout):  # type: ignore[arg-type]
-            self.backlog.took(limit.next_take(len(events)))  # before any await: see TakeLimit
+            full = limit.next_take(len(events))  # before any await: see TakeLimit
+            self.backlog.took(full)
             msgs = []
             for ev in events:
                 message = ev.message
                 message.incref()  # held until the flush that makes it durable
                 msgs.append(Message(message.partition, message.offset, message.value, message,
                                     message.generation_id))
+            upto = self.progress.handed
             for chunk in _chunks(msgs, FOLD_BYTES):
                 decoding = None
                 if self.decoder is not None and self.decoder.running:
@@ -478,6 +484,13 @@ class WorkerShell:
                         by_partition.setdefault(m.partition, []).append((m.offset, m.value))
                     decoding = await self.decoder.send(list(by_partition.items()))
                 await self.batches.put((chunk, decoding))
+                upto = self.progress.hand()
+            # Full (behind a backlog): the next micro-batch is taken and decoded while this one
+            # folds. Not full: this one is folded first, so that Faust's per-message work for
+            # the next does not fight the fold for the GIL (see kafka/fold_progress.py).
+            self.metrics.micro_batches.labels("pipelined" if full else "lockstep").inc()
+            if not full:
+                await self.progress.wait(upto)
 
     async def _fold_loop(self) -> None:
         """Fold micro-batches in order as the agent hands them over (their decoding under way).
@@ -486,22 +499,29 @@ class WorkerShell:
         are folded with it as one batch, up to `join_bytes` of payload: the fold's cost per
         call and per key is then shared by more events (`core/column_concat`). Only decoded
         chunks are joined, so the fold never waits for the helper to join one more, and a
-        worker keeping up with live traffic folds each micro-batch as it comes.
+        worker keeping up with live traffic folds each micro-batch as it comes (the agent
+        waits for it: `self.progress`).
         """
-        while not self.stopping:
-            chunk, decoding = await self.batches.get()
-            decoded = None
-            if decoding is not None and self.decoder is not None:
-                decoded = await self.decoder.result(decoding)
-            if self.stopping:
-                return
-            if decoded is not None and self.join_bytes:
-                first = len(chunk)
-                chunk, decoded = join_decoded(chunk, decoded, self.batches, self.join_bytes)
-                if len(chunk) > first:
-                    log.debug("folding decoded chunks joined: %d messages (%d in the first chunk), partitions %s",
-                              len(chunk), first, sorted(p.partition for p in decoded))
-            await self._handle(chunk, decoded)
+        try:
+            while not self.stopping:
+                chunk, decoding = await self.batches.get()
+                decoded = None
+                if decoding is not None and self.decoder is not None:
+                    decoded = await self.decoder.result(decoding)
+                if self.stopping:
+                    return
+                chunks = 1
+                if decoded is not None and self.join_bytes:
+                    first, queued = len(chunk), self.batches.qsize()
+                    chunk, decoded = join_decoded(chunk, decoded, self.batches, self.join_bytes)
+                    chunks += queued - self.batches.qsize()
+                    if len(chunk) > first:
+                        log.debug("folding decoded chunks joined: %d messages (%d in the first chunk), "
+                                  "partitions %s", len(chunk), first, sorted(p.partition for p in decoded))
+                await self._handle(chunk, decoded)
+                self.progress.done(chunks)
+        finally:
+            self.progress.close()  # stopped or crashed: the agent must not wait for a fold forever
 
     async def _handle(self, msgs: list[Message], decoded: list[DecodedPart] | None = None) -> None:
         self.last_batch = time.monotonic()

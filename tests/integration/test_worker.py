@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import msgspec
 import numpy as np
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from worker_support import (
     WorkerProcess,
     assert_rows_match_events,
@@ -26,6 +28,7 @@ from worker_support import (
 
 from stream_agg.config import Config
 from stream_agg.core.registry import default_registry
+from stream_agg.devstack import free_port
 from stream_agg.events import TraceEvent, encode_event
 from stream_agg.store.schema import LATEST
 from stream_agg.synthetic import generate_events
@@ -193,13 +196,20 @@ def test_backlog_folded_in_joined_chunks_across_a_kill(cfg: Config, tmp_path: Pa
 
 def test_a_backlogs_last_micro_batch_does_not_wait_for_the_batch_timeout(cfg: Config, tmp_path: Path) -> None:
     """Single-event messages behind a backlog: full takes of 200, then a last one of 30 that
-    ends once every partition is taken to its end, not after the 60 s batch timeout."""
+    ends once every partition is taken to its end, not after the 60 s batch timeout. The full
+    ones are pipelined, the last one (not full) folded in lockstep."""
     events = generate_events(1030, seed=17, start=START, hours=6, users=50)
     produce(cfg, events, batching=False)
+    port = free_port()
     worker = WorkerProcess(cfg, tmp_path / "worker.log", STREAM_AGG_BATCH_SIZE="200",
-                           STREAM_AGG_BATCH_TIMEOUT="60s", STREAM_AGG_ARCHIVE="false").start()
+                           STREAM_AGG_BATCH_TIMEOUT="60s", STREAM_AGG_ARCHIVE="false",
+                           STREAM_AGG_METRICS_PORT=str(port)).start()
     try:
         wait_caught_up(cfg, timeout=40, workers=[worker])  # group join and fold included; the timeout is 60 s
+        takes = {s.labels["mode"]: s.value for f in text_string_to_metric_families(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode())
+            for s in f.samples if s.name == "stream_agg_micro_batches_total"}
+        assert takes.get("pipelined", 0) >= 4 and takes.get("lockstep", 0) >= 1, takes
         assert worker.terminate() == 0
     finally:
         worker.kill()

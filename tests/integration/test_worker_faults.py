@@ -134,6 +134,9 @@ def test_bad_input_late_and_too_late_events_and_metrics(cfg: Config, tmp_path: P
         assert m[("observability_aggregation_duration_seconds_count", (("job", "stream"),))] >= 1
         assert m[("stream_agg_database_up", ())] == 1
         assert m[("stream_agg_assigned_partitions", ())] == 4
+        # a few messages at a time: no take was full, so each was folded before the next was taken
+        assert m[("stream_agg_micro_batches_total", (("mode", "lockstep"),))] >= 2
+        assert m.get(("stream_agg_micro_batches_total", (("mode", "pipelined"),)), 0) == 0
         assert worker.terminate() == 0
     finally:
         worker.kill()
