@@ -55,9 +55,12 @@ class Metrics:
             "stream_agg_messages_consumed_total", "Kafka messages consumed.", registry=r)
         self.micro_batches = Counter(
             "stream_agg_micro_batches_total",
-            "Micro-batches taken from Kafka, by mode: pipelined (full, behind a backlog: the next one is "
-            "taken while this one folds) or lockstep (not full: folded before the next is taken).",
+            "Micro-batches taken from Kafka, by mode: pipelined (full: the batch size or 16 MB came within "
+            "the batch timeout; the next one is taken while this one folds) or lockstep (not full: folded "
+            "before the next is taken).",
             ["mode"], registry=r)
+        for mode in ("pipelined", "lockstep"):  # both series from the start: rate() sees zeros
+            self.micro_batches.labels(mode)
         self.duplicates_skipped = Counter(
             "stream_agg_messages_duplicate_total",
             "Re-delivered messages skipped because their offset was already applied.", registry=r)

@@ -2,18 +2,22 @@
 can wait for a micro-batch's fold before it takes the next one (lockstep).
 
 Why lockstep for micro-batches that are not full (the take ended at the batch timeout, or
-at the end of the partitions): there the worker is not behind a backlog of full takes, and
-the agent's per-message work in Faust and the fold thread's folding share one GIL. Run at
-the same time, both lose far more to handing the GIL back and forth than they gain:
-measured on 100,000 single-event messages (`bench/stream_e2e.py --scenarios 3`, 2 CPUs),
-the fold thread spent 13.4-14.8 s of wall time folding for 3.3-3.4 s of CPU, and the
-worker process used 20-23.5 s of CPU in all. Folding each such micro-batch before taking the
-next, the folds took 2.4-2.7 s of wall time for 2.0-2.3 s of CPU, the worker 16-18 s of
-CPU, and 14-15% more events per second (two pairs side by side).
+at the end of the partitions, before the batch size or the byte budget): such takes are
+small (single-event messages: ~1,000 messages per 0.2 s), and the agent's per-message work
+in Faust and the fold thread share one GIL. Run at the same time, both lose more to handing
+the GIL back and forth than they gain: on 100,000 single-event messages the fold thread
+spent 13.4-14.8 s of wall time folding for 3.3-3.4 s of CPU, against 2.4-2.7 s for 2.0-2.3 s
+in lockstep. Side by side the worker then used 22% less CPU and made 15% more events per
+second durable (README, "Measured figures").
 
-Full takes (a backlog) stay pipelined: the next micro-batch is taken and decoded in the
-helper process while this one folds, numpy works on arrays large enough to release the
-GIL, and there is no per-message Faust work to contend with.
+Full takes stay pipelined: the next micro-batch is taken and decoded in the helper process
+while this one folds, numpy works on arrays large enough to release the GIL, and there are
+few messages (each a batch of events) for Faust to handle meanwhile.
+
+What the agent waits for is everything the fold thread has queued before the fold's end:
+the rest of a flush's merge if one is running (`WorkerShell._snapshot` queues it ahead of
+later folds), and the fold loop's own waits after the fold (DLQ sends, a flush that
+backpressure or the raw archive calls for).
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ class FoldProgress:
         self.closed = False
         self._moved = asyncio.Event()
 
-    def hand(self, chunks: int = 1) -> int:
-        """The agent queued `chunks` more; returns the count to `wait` for to see them folded."""
-        self.handed += chunks
+    def hand(self) -> int:
+        """The agent queued one more; returns the count to `wait` for to see it folded."""
+        self.handed += 1
         return self.handed
 
     def done(self, chunks: int) -> None:

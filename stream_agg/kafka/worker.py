@@ -475,7 +475,6 @@ class WorkerShell:
                 message.incref()  # held until the flush that makes it durable
                 msgs.append(Message(message.partition, message.offset, message.value, message,
                                     message.generation_id))
-            upto = self.progress.handed
             for chunk in _chunks(msgs, FOLD_BYTES):
                 decoding = None
                 if self.decoder is not None and self.decoder.running:
@@ -484,13 +483,14 @@ class WorkerShell:
                         by_partition.setdefault(m.partition, []).append((m.offset, m.value))
                     decoding = await self.decoder.send(list(by_partition.items()))
                 await self.batches.put((chunk, decoding))
-                upto = self.progress.hand()
-            # Full (behind a backlog): the next micro-batch is taken and decoded while this one
-            # folds. Not full: this one is folded first, so that Faust's per-message work for
-            # the next does not fight the fold for the GIL (see kafka/fold_progress.py).
+                self.progress.hand()  # no await in between: the fold loop never sees it uncounted
+            # Full (a take's worth came within the batch timeout): the next micro-batch is taken
+            # and decoded while this one folds. Not full: this one is folded first, so that
+            # Faust's per-message work for the next does not fight the fold for the GIL
+            # (kafka/fold_progress.py).
             self.metrics.micro_batches.labels("pipelined" if full else "lockstep").inc()
             if not full:
-                await self.progress.wait(upto)
+                await self.progress.wait(self.progress.handed)
 
     async def _fold_loop(self) -> None:
         """Fold micro-batches in order as the agent hands them over (their decoding under way).

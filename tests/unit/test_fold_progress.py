@@ -57,6 +57,9 @@ def test_close_releases_the_agent_and_later_waits() -> None:
     asyncio.run(run())
 
 
+TAKES = [True, True, True, False, False, True, False]  # full or not
+
+
 def test_lockstep_takes_never_overlap_a_fold_and_full_ones_do() -> None:
     """The agent and fold loop of the worker, in miniature: a take that is not full is
     folded before the next take; full takes are taken while earlier ones fold."""
@@ -65,10 +68,9 @@ def test_lockstep_takes_never_overlap_a_fold_and_full_ones_do() -> None:
         progress = FoldProgress()
         queue: asyncio.Queue[int] = asyncio.Queue(maxsize=2)
         log: list[str] = []
-        takes = [True, True, True, False, False, True, False]  # full or not
 
         async def agent() -> None:
-            for i, full in enumerate(takes):
+            for i, full in enumerate(TAKES):
                 log.append(f"take {i}")
                 await queue.put(i)
                 upto = progress.hand()
@@ -87,14 +89,13 @@ def test_lockstep_takes_never_overlap_a_fold_and_full_ones_do() -> None:
 
         folding = asyncio.ensure_future(fold_loop())
         await asyncio.wait_for(agent(), 5.0)
-        while progress.folded < len(takes):
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(progress.wait(len(TAKES)), 5.0)
         folding.cancel()
         return log
 
     log = asyncio.run(run())
     pos = {entry: n for n, entry in enumerate(log)}
-    for i, full in enumerate([True, True, True, False, False, True]):
+    for i, full in enumerate(TAKES[:-1]):
         if not full:
             assert pos[f"fold {i}"] < pos[f"take {i + 1}"], log
     # the full takes 0-2 were all taken before take 0 was folded: pipelined

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 from helpers import assert_same_part, make_events
 
@@ -10,11 +11,13 @@ from stream_agg.config import load_config
 from stream_agg.core.registry import default_registry
 from stream_agg.events import encode_event
 from stream_agg.kafka.decode_pool import DecodedPart, decode_batch
+from stream_agg.kafka.fold_progress import FoldProgress
 from stream_agg.kafka.processor import Message
 from stream_agg.kafka.worker import (
     FOLD_BYTES,
     FOLD_JOIN_BYTES,
     ChunkQueue,
+    WorkerShell,
     _chunks,
     _offset_ranges,
     join_budget,
@@ -124,3 +127,41 @@ def test_chunks_are_joined_only_with_a_helper_and_the_archive_off() -> None:
 def test_a_batch_is_logged_by_partition_and_offset_range() -> None:
     msgs = [Message(3, 10, b""), Message(1, 7, b""), Message(3, 12, b""), Message(1, 9, b"")]
     assert _offset_ranges(msgs) == "partition=1 offsets 7..9, partition=3 offsets 10..12"
+
+
+def test_the_fold_loop_counts_joined_chunks_so_that_a_lockstep_wait_ends() -> None:
+    """`WorkerShell._fold_loop` itself, on a stand-in worker: three decoded chunks folded as one
+    joined batch count as three, so the agent waiting for the next chunk is released by its fold."""
+
+    async def run() -> list[int]:
+        progress = FoldProgress()
+        queue = ChunkQueue()
+        handled: list[int] = []
+
+        class Decoder:
+            async def result(self, fut: asyncio.Future[list[DecodedPart] | None]) -> list[DecodedPart] | None:
+                return await fut
+
+        async def handle(msgs: list[Message], decoded: list[DecodedPart] | None) -> None:
+            handled.append(len(msgs))
+            if len(handled) == 2:
+                shell.stopping = True
+
+        shell = SimpleNamespace(stopping=False, batches=queue, decoder=Decoder(), join_bytes=1 << 30,
+                                progress=progress, _handle=handle)
+        chunks = [_batch([0, 1], 2 * i) for i in range(4)]
+        for msgs, decoded in chunks[:3]:  # three full takes, queued before the fold loop runs
+            queue.put_nowait((msgs, _done(decoded)))
+            progress.hand()
+        folding = asyncio.ensure_future(WorkerShell._fold_loop(shell))  # type: ignore[arg-type]
+        await asyncio.wait_for(progress.wait(3), 5.0)
+        assert progress.folded == 3 and not progress.closed  # released by the count, not by a shutdown
+        msgs, decoded = chunks[3]  # a take that is not full: the agent waits for its fold
+        await queue.put((msgs, _done(decoded)))
+        await asyncio.wait_for(progress.wait(progress.hand()), 5.0)
+        assert progress.folded == progress.handed == 4
+        await asyncio.wait_for(folding, 5.0)  # stopping: the loop ends and releases any waiter
+        assert progress.closed
+        return handled
+
+    assert asyncio.run(run()) == [12, 4]  # one fold of the three joined chunks, then the fourth
