@@ -116,8 +116,8 @@ SETTINGS: tuple[Setting, ...] = (
             "How often changed buckets are upserted, counted from when the worker gets its first "
             "partitions (under load: at least twice the last flush's duration; at the end of a backlog, "
             "i.e. every partition folded to its high watermark, or after 1 s without messages: at once, "
-            "at most one flush a second; a flush due when the rest of a backlog would take at most a "
-            "quarter of this to fold waits for its end, at most half of this)"),
+            "at most one flush a second; a flush due when the rest of a backlog would take at most "
+            "this long to fold waits for its end, at most this long)"),
     Setting("grace", _non_negative(_parse_duration), "60s", "A bucket closes when the watermark passes end + grace"),
     Setting("out_of_orderness", _non_negative(_parse_duration), "30s",
             "Allowed disorder: watermark = max event time seen - this"),
