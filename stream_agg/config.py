@@ -117,7 +117,7 @@ SETTINGS: tuple[Setting, ...] = (
             "partitions (under load: at least twice the last flush's duration; at the end of a backlog, "
             "i.e. every partition folded to its high watermark, or after 1 s without messages: at once, "
             "at most one flush a second; a flush due when the rest of a backlog would take at most "
-            "this long to fold waits for its end, at most this long)"),
+            "three quarters of this to fold waits for that end, for at most one more interval)"),
     Setting("grace", _non_negative(_parse_duration), "60s", "A bucket closes when the watermark passes end + grace"),
     Setting("out_of_orderness", _non_negative(_parse_duration), "30s",
             "Allowed disorder: watermark = max event time seen - this"),
@@ -135,7 +135,8 @@ SETTINGS: tuple[Setting, ...] = (
             "bigger folds; behind a backlog a micro-batch also ends once every partition is taken to its end)"),
     Setting("archive", _parse_bool, "true", "Write valid events to the raw traces/spans tables"),
     Setting("max_pending_events", _positive(int), "2000000",
-            "Folded-but-unflushed events held while PostgreSQL is down before consumption pauses"),
+            "Folded-but-unflushed events at which consumption pauses until a flush succeeds (PostgreSQL "
+            "down, or flushes slower than the fold)"),
     Setting("closed_cache_states", _non_negative(int), "500000",
             "States of closed buckets kept in memory after their final flush, so late events fold "
             "in without reading the bucket back from PostgreSQL; least recently folded into go "

@@ -201,41 +201,76 @@ def remaining_messages(next_offsets: dict[int, int], highwater: Callable[[int], 
 
 
 class FlushHold:
-    """Holds back a flush the interval makes due just before a backlog's end.
+    """Holds back a flush the interval makes due near a backlog's end.
 
-    Catching up, a flush costs about as much for the last sliver of a backlog as for the
+    Catching up, a flush costs about as much for the last part of a backlog as for the
     rest (it rewrites every open hour, day and week row: ~200,000 rows per million events on
-    the benchmark), so one that falls a fraction of a second before the end is mostly paid
-    twice. When the messages left, at the rate folded since the last flush, would take at
-    most `within` seconds, the flush waits for the backlog's end (which flushes at once,
-    `BacklogEnd`), but never more than `at_most` seconds past its time. The rate includes
-    the time the last flush held the fold, so it errs on the slow side: fewer holds.
+    the benchmark), so one that falls shortly before the end is mostly paid twice. When the
+    messages left, at the rate folded since the last flush, would take at most `within`
+    seconds, the flush waits for the backlog's end (which flushes at once, `BacklogEnd`),
+    but never more than `at_most` seconds past its time. The rate includes the time the last
+    flush held the fold, so it errs on the slow side: fewer holds.
+
+    Two limits keep a hold from costing more than it saves:
+    - one that ran out before the end (traffic as fast as the fold, a wrong rate) is the
+      last until the backlog is seen to end (`ended`): a worker that stays near an end it
+      never reaches is not held at every flush;
+    - none when the events folded meanwhile would reach `max_pending` (the backpressure
+      bound): that flush would come anyway, after a pause.
     """
 
-    def __init__(self, within: float, at_most: float, now: float) -> None:
+    def __init__(self, within: float, at_most: float, now: float, max_pending: int | None = None) -> None:
         self.within = within
         self.at_most = at_most
+        self.max_pending = max_pending
         self.since = now
         self.folded = 0
         self.until: float | None = None
+        self.spent = False  # a hold ran out before the backlog's end: no more until `ended`
 
     def flushed(self, now: float) -> None:
         """A flush starts: measure the rate afresh, and hold the next one anew."""
         self.since, self.folded, self.until = now, 0, None
 
+    def ended(self) -> None:
+        """The backlog was folded to its end: the next backlog may be held again."""
+        self.spent = False
+
     def took(self, messages: int) -> None:
         self.folded += messages
 
-    def holds(self, now: float, remaining: int | None) -> bool:
-        """Whether the flush due now waits (the first True starts the at_most clock)."""
+    def holds(self, now: float, remaining: int | None, pending: int = 0) -> bool:
+        """Whether the flush due now waits (the first True starts the at_most clock).
+        `pending`: events folded since the last flush."""
         if self.until is not None:
-            return now < self.until
-        if remaining is None or self.folded <= 0 or now <= self.since:
+            if now < self.until:
+                return True
+            self.spent = True
             return False
-        if remaining * (now - self.since) / self.folded > self.within:
+        if self.spent or remaining is None or self.folded <= 0 or now <= self.since:
+            return False
+        elapsed = now - self.since
+        if remaining * elapsed / self.folded > self.within:
+            return False
+        if self.max_pending is not None and pending * (elapsed + self.at_most) / elapsed >= self.max_pending:
             return False
         self.until = now + self.at_most
         return True
+
+
+def flush_hold(config: Config, now: float) -> FlushHold:
+    """The worker's hold: for a backlog that would end within three quarters of an interval,
+    at most one interval.
+
+    Why that long: on a machine whose fold passed the 5 s flush with 35-40% of the benchmark's
+    backlog left (2.7-3.3 s at the rate so far), a quarter of the interval (at most half) let
+    every run flush twice; one interval made each one flush, with half of PostgreSQL's CPU
+    (README, "Measured figures"). Three quarters rather than the whole interval: an end
+    estimated just under `at_most` away and reached just after it would cost the wait and
+    the second flush both.
+    """
+    return FlushHold(within=0.75 * config.flush_interval, at_most=config.flush_interval, now=now,
+                     max_pending=config.max_pending_events)
 
 
 def stream_id(config: Config) -> str:
@@ -349,13 +384,7 @@ class WorkerShell:
         self.idle_after = idle_after(config)
         self.backlog = BacklogEnd()
         self.take_limit = TakeLimit(config.batch_size, FOLD_BYTES, positions=self._fold_positions)
-        # A flush due when the rest of a backlog would fold within one more interval waits for
-        # its end, at most one interval: rows stay at most two intervals old near a backlog's
-        # end, and the flush is not paid twice. With a quarter (at most half) of the interval, a
-        # machine whose fold passed the 5 s flush with 35-40% of the benchmark's backlog left
-        # flushed twice in every run; one interval made each one flush: +22% events/s durable
-        # (median of 6 pairs) and half of PostgreSQL's CPU (README, "Measured figures").
-        self.hold = FlushHold(within=config.flush_interval, at_most=config.flush_interval, now=self.last_flush)
+        self.hold = flush_hold(config, now=self.last_flush)
         self.failures = 0
         self.stopping = False
         # First after a routine flush up to a minute in (jittered, so that workers started
@@ -629,9 +658,12 @@ class WorkerShell:
         if not self.backlog.behind:
             return self.backlog.due
         try:
-            return self.backlog.ended(*self._fold_positions())
+            ended = self.backlog.ended(*self._fold_positions())
         except Exception:  # noqa: BLE001 - not known before the consumer has fetched
             return False
+        if ended:
+            self.hold.ended()
+        return ended
 
     def _fold_positions(self) -> tuple[dict[int, int], Callable[[int], int | None]]:
         """Each owned partition's next offset to fold, and Kafka's high watermark by partition."""
@@ -651,10 +683,12 @@ class WorkerShell:
         except Exception:  # noqa: BLE001 - not known before the consumer has fetched
             remaining = None
         first = self.hold.until is None
-        held = self.hold.holds(now, remaining)
+        held = self.hold.holds(now, remaining, self.processor.pending_events)
         if held and first:
             log.info("flush held for the backlog's end: %s messages left at %.0f messages/s (at most %.1fs)",
                      remaining, self.hold.folded / max(now - self.hold.since, 1e-9), self.hold.at_most)
+        elif not first and not held:
+            log.info("flush hold ran out with %s messages left; no more holds until the backlog ends", remaining)
         return not held
 
     def _next_delay(self, idle: bool = False) -> float:

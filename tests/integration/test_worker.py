@@ -175,12 +175,16 @@ def test_backlog_folded_in_joined_chunks_across_a_kill(cfg: Config, tmp_path: Pa
     produce(cfg, payloads, batch=50)
     total = sum(end_offsets(cfg.kafka_bootstrap, cfg.topic).values())
     debug = {"STREAM_AGG_LOG_LEVEL": "DEBUG", "STREAM_AGG_ARCHIVE": "false"}  # archive on: nothing is joined
+    # flushes every ~3,000 events, whatever holds the interval's flush for the backlog's end,
+    # so that the kill lands with part of the backlog durable and part not
+    debug["STREAM_AGG_MAX_PENDING_EVENTS"] = "3000"
     worker = WorkerProcess(cfg, tmp_path / "first.log", python=["-c", SMALL_CHUNKS], **debug).start()
     try:
         deadline = time.monotonic() + 120
-        while sum(durable_offsets(cfg.database_url, stream_of(cfg)).values()) < 0.4 * total:
+        while (durable := sum(durable_offsets(cfg.database_url, stream_of(cfg)).values())) < 0.4 * total:
             assert time.monotonic() < deadline and worker.alive(), worker.log_text()[-3000:]
             time.sleep(0.05)
+        assert durable < total, "the kill must land mid-backlog"
         first_log = worker.log_text()
         worker.kill()
         worker = WorkerProcess(cfg, tmp_path / "second.log", python=["-c", SMALL_CHUNKS], **debug).start()
