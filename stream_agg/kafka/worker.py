@@ -380,7 +380,7 @@ class WorkerShell:
         self.last_flush = time.monotonic()
         self.flush_task: asyncio.Future[bool] | None = None
         self.last_flush_seconds = 0.0
-        self.last_batch = time.monotonic()  # when the fold loop last took or finished a micro-batch
+        self.last_batch = time.monotonic()  # when the fold loop last finished a micro-batch (`_idle`)
         self.folding = False  # the fold loop holds a micro-batch (waiting for its decoding, or folding it)
         self.idle_after = idle_after(config)
         self.backlog = BacklogEnd()
@@ -563,7 +563,6 @@ class WorkerShell:
             self.progress.close()  # stopped or crashed: the agent must not wait for a fold forever
 
     async def _handle(self, msgs: list[Message], decoded: list[DecodedPart] | None = None) -> None:
-        self.last_batch = time.monotonic()
         outcome = await self._process(msgs, decoded)
         # messages folded: not those skipped as re-delivered, stale or not ours
         self.hold.took(len(msgs) - len(outcome.ack_now) - outcome.stale - outcome.ignored)
